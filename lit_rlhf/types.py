@@ -1,0 +1,90 @@
+"""Typed batch containers. Every tensor is right-padded; shapes use B = batch rows, T = padded length.
+
+Position convention (shared by every stage, enforced in :mod:`lit_rlhf.logprobs`): ``logps[b, t]`` is
+``log p(input_ids[b, t] | input_ids[b, :t])``, so it lines up with ``input_ids``; ``loss_mask[b, t]`` is 1 where
+token ``t`` is a scored (response) token. Position 0 is never scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+
+@dataclass
+class _Batch:
+    def to(self, device: torch.device | str) -> "_Batch":
+        moved = {
+            f.name: (getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name))
+            for f in fields(self)
+        }
+        return replace(self, **moved)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])  # type: ignore[attr-defined]
+
+
+@dataclass
+class SFTBatch(_Batch):
+    """input_ids, attention_mask, loss_mask: [B, T]; position_ids: [B, T] when rows are packed (else None)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor | None = None
+
+
+@dataclass
+class PreferenceBatch(_Batch):
+    """Chosen rows first, then rejected rows: input_ids/attention_mask/loss_mask are [2B, T].
+
+    ``keys`` ([B] strings) identify each pair for the reference-logp cache; ``prompts``/``chosen``/``rejected`` keep
+    the rendered text for sample tables.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    keys: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    chosen: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.input_ids.shape[0]) // 2
+
+
+@dataclass
+class PromptBatch(_Batch):
+    """Left-padded prompts for generation: input_ids/attention_mask [B, P]; ``extras`` maps column -> [B] values."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompts: list[str] = field(default_factory=list)
+    extras: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Rollout(_Batch):
+    """Prompt + sampled completion, right-padded: input_ids/attention_mask/loss_mask [N, T].
+
+    ``loss_mask`` marks completion tokens (including the EOS token when produced). ``sample_logps`` [N, T] are the
+    sampling distribution's logps of the chosen tokens (zeros outside ``loss_mask``). ``truncated`` [N] is True when
+    no EOS was produced within the token budget. ``prompt_index`` [N] maps each row to its prompt in the batch.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    sample_logps: torch.Tensor
+    truncated: torch.Tensor
+    prompt_index: torch.Tensor
+    prompts: list[str] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        return self.loss_mask.sum(-1)
