@@ -1,0 +1,196 @@
+"""The shared LightningCLI of every stage: ``python -m lit_rlhf.experiments.<stage> [--config X.yaml] [--a.b=v]``.
+
+Adds to Lightning's CLI: ``--output_dir`` (everything of the run goes there: checkpoints, config, W&B files,
+``export/``, ``final_metrics.json``), ``--ckpt_path`` (resume), ``--wandb.*`` (W&B logging; offline when no API key
+is configured), ``--validate_before_fit`` (held-out metrics at step 0, for before/after comparisons). The
+policy's name is linked to the data module's tokenizer, so a model is named once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from lit_rlhf.callbacks import ExportCallback
+from lit_rlhf.io import write_json
+
+BASE_TRAINER_DEFAULTS: dict[str, Any] = {
+    "accelerator": "auto",
+    "devices": 1,
+    "precision": "32-true",
+    "log_every_n_steps": 1,
+    "num_sanity_val_steps": 0,
+    "gradient_clip_val": 1.0,
+    "enable_progress_bar": True,
+    "inference_mode": False,  # no_grad for evaluation: tensors made there (metric states, caches) stay usable in training
+}
+
+
+@dataclass
+class WandbSettings:
+    """Weights & Biases logging.
+
+    Args:
+        project: W&B project.
+        mode: ``auto`` (online when an API key is configured, else offline), ``online``, ``offline``, or ``disabled``
+            (metrics go to ``output_dir/csv`` instead).
+        name: run name (default: W&B's generated name).
+        group: run group (sweeps and pipelines set one group for all their runs).
+        tags: run tags.
+        entity: W&B entity (team or user).
+    """
+
+    project: str = "lit_rlhf"
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    entity: str | None = None
+
+
+def wandb_mode(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+    return "online" if has_key else "offline"
+
+
+def build_logger(settings: WandbSettings, output_dir: Path, resume: bool, config: dict):
+    mode = wandb_mode(settings.mode)
+    if mode == "disabled":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(output_dir), name="csv")
+    from lightning.pytorch.loggers import WandbLogger
+
+    id_file = output_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if resume and id_file.exists() else None
+    logger = WandbLogger(
+        project=settings.project, name=settings.name, group=settings.group, tags=list(settings.tags),
+        entity=settings.entity, save_dir=str(output_dir), offline=(mode == "offline"), id=run_id,
+        resume="allow" if run_id else None, config=config,
+    )
+    return logger
+
+
+class LoggerSaveConfig(SaveConfigCallback):
+    """Writes the resolved config to ``output_dir/config.yaml`` (re-runnable) and W&B's run config."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_hyperparams(self.config.as_dict())
+
+
+class RLHFCLI(LightningCLI):
+    def __init__(self, model_class, datamodule_class, stage: str, trainer_defaults: dict[str, Any], args=None, description: str = "") -> None:
+        self.stage = stage
+        super().__init__(
+            model_class,
+            datamodule_class,
+            run=False,
+            args=args,
+            trainer_defaults={**BASE_TRAINER_DEFAULTS, **trainer_defaults},
+            seed_everything_default=0,
+            save_config_callback=LoggerSaveConfig,
+            save_config_kwargs={"overwrite": True, "config_filename": "config.yaml"},
+            auto_configure_optimizers=False,
+            parser_kwargs={"description": description, "default_env": False},
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--output_dir", type=str, default=f"runs/{self.stage}", help="Where everything of the run is written.")
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume from ('last' = output_dir's latest).")
+        parser.add_argument("--validate_before_fit", type=bool, default=True, help="Run validation at step 0 (before/after figures).")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=0, help="Also checkpoint every N steps (0: only at the end).")
+        parser.add_argument("--export", type=bool, default=True, help="Export the trained model to output_dir/export at the end.")
+        parser.add_dataclass_arguments(WandbSettings, "wandb")
+        self.link_arguments(parser)
+
+    def link_arguments(self, parser) -> None:
+        """Shared values declared once: the policy's name gives the data module's tokenizer."""
+        parser.link_arguments("model.policy.name", "data.tokenizer")
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        cfg = self.config
+        output_dir = Path(cfg.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        callbacks = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0,
+                every_n_train_steps=cfg.checkpoint_every_n_steps or None,
+            )
+        )
+        callbacks.append(ExportCallback(enabled=cfg.export))
+        kwargs.update(
+            default_root_dir=str(output_dir),
+            callbacks=callbacks,
+            logger=build_logger(cfg.wandb, output_dir, resume=cfg.ckpt_path is not None, config={"stage": self.stage}),
+        )
+        return super().instantiate_trainer(**kwargs)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    if ckpt_path == "last":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    return ckpt_path
+
+
+def run_stage(model_class, datamodule_class, stage: str, trainer_defaults: dict[str, Any], args=None, description: str = "") -> RLHFCLI:
+    """Parse the CLI/config, validate (step 0), fit, validate again, and write ``final_metrics.json``."""
+    cli = RLHFCLI(model_class, datamodule_class, stage, trainer_defaults, args=args, description=description)
+    cfg, trainer = cli.config, cli.trainer
+    output_dir = Path(cfg.output_dir)
+    _remember_wandb_run(trainer, output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    start = {}
+    if cfg.validate_before_fit and ckpt_path is None:
+        start = _scalars(trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False))
+    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    train_end = _scalars([trainer.callback_metrics])
+    end = _scalars(trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False))
+    if trainer.is_global_zero:
+        summary = {"stage": stage, "global_step": trainer.global_step, "start": start, "end": end, "train_last": train_end}
+        write_json(output_dir / "final_metrics.json", summary)
+        _print_summary(stage, start, end)
+    return cli
+
+
+def _remember_wandb_run(trainer: L.Trainer, output_dir: Path) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(trainer.logger, WandbLogger) and trainer.is_global_zero:
+        (output_dir / "wandb_run_id").write_text(trainer.logger.experiment.id)
+
+
+def _scalars(results: list[dict]) -> dict[str, float]:
+    out = {}
+    for r in results or []:
+        for k, v in r.items():
+            try:
+                out[k] = float(v)
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
+def _print_summary(stage: str, start: dict, end: dict) -> None:
+    keys = sorted(set(start) | set(end))
+    if not keys:
+        return
+    print(f"\n[lit_rlhf] {stage}: held-out metrics, start -> end")
+    for k in keys:
+        a, b = start.get(k), end.get(k)
+        fa = f"{a:.4f}" if a is not None else "-"
+        fb = f"{b:.4f}" if b is not None else "-"
+        print(f"  {k:32s} {fa:>10s} -> {fb:>10s}")

@@ -1,0 +1,1 @@
+"""Thin entry points: ``python -m lit_rlhf.experiments.<stage>``."""

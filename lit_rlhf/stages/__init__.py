@@ -1,0 +1,1 @@
+"""One LightningModule per algorithm: sft, reward_model, dpo, ppo, grpo."""
