@@ -33,6 +33,11 @@ BASE_TRAINER_DEFAULTS: dict[str, Any] = {
 
 
 @dataclass
+DEFAULT_LINKS = {"model.policy.name": "data.tokenizer"}
+"""Shared values declared once (source -> target): by default the policy's name gives the data's tokenizer."""
+
+
+@dataclass
 class WandbSettings:
     """Weights & Biases logging.
 
@@ -91,8 +96,12 @@ class LoggerSaveConfig(SaveConfigCallback):
 
 
 class RLHFCLI(LightningCLI):
-    def __init__(self, model_class, datamodule_class, stage: str, trainer_defaults: dict[str, Any], args=None, description: str = "") -> None:
+    def __init__(
+        self, model_class, datamodule_class, stage: str, trainer_defaults: dict[str, Any], args=None, description: str = "",
+        links: dict[str, str] | None = None,
+    ) -> None:
         self.stage = stage
+        self.links = DEFAULT_LINKS if links is None else links
         super().__init__(
             model_class,
             datamodule_class,
@@ -113,11 +122,8 @@ class RLHFCLI(LightningCLI):
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=0, help="Also checkpoint every N steps (0: only at the end).")
         parser.add_argument("--export", type=bool, default=True, help="Export the trained model to output_dir/export at the end.")
         parser.add_dataclass_arguments(WandbSettings, "wandb")
-        self.link_arguments(parser)
-
-    def link_arguments(self, parser) -> None:
-        """Shared values declared once: the policy's name gives the data module's tokenizer."""
-        parser.link_arguments("model.policy.name", "data.tokenizer")
+        for source, target in self.links.items():
+            parser.link_arguments(source, target)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         cfg = self.config
@@ -146,9 +152,12 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return ckpt_path
 
 
-def run_stage(model_class, datamodule_class, stage: str, trainer_defaults: dict[str, Any], args=None, description: str = "") -> RLHFCLI:
+def run_stage(
+    model_class, datamodule_class, stage: str, trainer_defaults: dict[str, Any], args=None, description: str = "",
+    links: dict[str, str] | None = None,
+) -> RLHFCLI:
     """Parse the CLI/config, validate (step 0), fit, validate again, and write ``final_metrics.json``."""
-    cli = RLHFCLI(model_class, datamodule_class, stage, trainer_defaults, args=args, description=description)
+    cli = RLHFCLI(model_class, datamodule_class, stage, trainer_defaults, args=args, description=description, links=links)
     cfg, trainer = cli.config, cli.trainer
     output_dir = Path(cfg.output_dir)
     _remember_wandb_run(trainer, output_dir)

@@ -75,12 +75,61 @@ def token_logps(
         logits = logits[keep]
     if temperature != 1.0:
         logits = logits / temperature
-    logps = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    logps = logps.masked_scatter(scored, selective_log_softmax(logits, input_ids[scored]))
+    logps = _scatter(scored, selective_log_softmax(logits, input_ids[scored]))
+    entropy = _scatter(scored, entropy_from_logits(logits)) if with_entropy else None
+    return TokenLogps(logps=logps, entropy=entropy)
+
+
+def response_logps(
+    lm: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    prompt_index: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> TokenLogps:
+    """Logps [N, R] of right-padded responses given left-padded prompts, each prompt run through ``lm`` once.
+
+    Pass 1 runs the B prompts (explicit position ids, so left padding is invisible) and keeps their KV cache and the
+    last position's logits (which predict response token 0). The cache is gathered to the N response rows
+    (``prompt_index``) and pass 2 runs the responses on top of it, projecting logits only where a scored token is
+    predicted. Gradients flow through both passes. Equal to :func:`token_logps` on the concatenated rows (tested),
+    at (B P + N R) instead of N (P + R) tokens: ~1.7x fewer for DPO pairs with a long shared prompt.
+    """
+    prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    first = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True, logits_to_keep=1)
+    cache = first.past_key_values
+    cache.batch_select_indices(prompt_index)
+    first_logits = first.logits[prompt_index, -1]  # [N, V]
+    attention_mask = torch.cat([prompt_mask[prompt_index], response_mask.to(prompt_mask.dtype)], dim=1)
+    positions = prompt_mask.sum(-1)[prompt_index, None] + torch.arange(response_ids.shape[1], device=response_ids.device)
+    scored = response_mask.bool()
+    keep = F.pad(scored[:, 1:], (0, 1))  # response position j predicts token j + 1
+    logits = first_logits.new_zeros(0, first_logits.shape[-1])
+    if keep.any():
+        logits = lm(
+            input_ids=response_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+            use_cache=True, logits_to_keep=keep,
+        ).logits
+        if logits.dim() == 3:  # a model without bool logits_to_keep support
+            logits = logits[keep]
+    if temperature != 1.0:
+        first_logits, logits = first_logits / temperature, logits / temperature
+    head = selective_log_softmax(first_logits, response_ids[:, 0]) * scored[:, 0]
+    tail = selective_log_softmax(logits, response_ids[:, 1:][scored[:, 1:]])
+    logps = torch.cat([head[:, None], _scatter(scored[:, 1:], tail)], dim=1)
     entropy = None
     if with_entropy:
-        entropy = torch.zeros_like(logps).masked_scatter(scored, entropy_from_logits(logits))
+        head = entropy_from_logits(first_logits) * scored[:, 0]
+        entropy = torch.cat([head[:, None], _scatter(scored[:, 1:], entropy_from_logits(logits))], dim=1)
     return TokenLogps(logps=logps, entropy=entropy)
+
+
+def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor shaped like ``mask``: ``values`` (row-major) where mask is True, 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, values)
 
 
 def sequence_logps(logps: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Position convention (shared by every stage, enforced in :mod:`lit_rlhf.logprobs`): ``logps[b, t]`` is
 ``log p(input_ids[b, t] | input_ids[b, :t])``, so it lines up with ``input_ids``; ``loss_mask[b, t]`` is 1 where
-token ``t`` is a scored (response) token. Position 0 is never scored.
+token ``t`` is a scored (response) token. Position 0 is never scored. In the prompt/response layout
+(:class:`PromptResponseBatch`) logps are [N, R], aligned with ``response_ids``.
 """
 
 from __future__ import annotations
@@ -37,16 +38,41 @@ class SFTBatch(_Batch):
 
 
 @dataclass
-class PreferenceBatch(_Batch):
-    """Chosen rows first, then rejected rows: input_ids/attention_mask/loss_mask are [2B, T].
+class PromptResponseBatch(_Batch):
+    """Prompts once, responses many: the layout every stage that scores responses uses.
+
+    prompt_ids/prompt_mask: [B, P], LEFT-padded. response_ids/response_mask: [N, R], RIGHT-padded; row n answers
+    prompt ``prompt_index[n]`` ([N]). ``response_mask`` marks scored response tokens. Scoring runs the prompt once
+    and the N responses on top of its KV cache (:func:`lit_rlhf.logprobs.response_logps`); ``as_sequences`` gives
+    the equivalent [N, P + R] rows for code that wants one concatenated forward.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.response_ids.shape[0])
+
+    def as_sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, loss_mask, position_ids), each [N, P + R]."""
+        input_ids = torch.cat([self.prompt_ids[self.prompt_index], self.response_ids], dim=1)
+        attention_mask = torch.cat([self.prompt_mask[self.prompt_index], self.response_mask.to(self.prompt_mask.dtype)], dim=1)
+        loss_mask = torch.cat([torch.zeros_like(self.prompt_mask[self.prompt_index]), self.response_mask.to(self.prompt_mask.dtype)], dim=1)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return input_ids, attention_mask, loss_mask, position_ids
+
+
+@dataclass
+class PreferenceBatch(PromptResponseBatch):
+    """B pairs: responses are the B chosen rows, then the B rejected rows (N = 2B; ``prompt_index`` = [0..B-1] * 2).
 
     ``keys`` ([B] strings) identify each pair for the reference-logp cache; ``prompts``/``chosen``/``rejected`` keep
     the rendered text for sample tables.
     """
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    loss_mask: torch.Tensor
     keys: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     chosen: list[str] = field(default_factory=list)
@@ -54,7 +80,7 @@ class PreferenceBatch(_Batch):
 
     @property
     def num_pairs(self) -> int:
-        return int(self.input_ids.shape[0]) // 2
+        return int(self.prompt_ids.shape[0])
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_rlhf.data import render
-from lit_rlhf.data.collate import prompt_response_rows
+from lit_rlhf.data.collate import pad_left, pad_right
 from lit_rlhf.data.sources import DataError, get_field, read_records
 from lit_rlhf.data.tasks import arithmetic_preferences
 from lit_rlhf.types import PreferenceBatch
@@ -180,11 +180,15 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def collate(self, examples: list[PreferenceExample]) -> PreferenceBatch:
-        prompts = [e.prompt_ids for e in examples] * 2
+        pad = self.tokenizer.pad_token_id
+        prompt_ids = pad_left([e.prompt_ids for e in examples], pad)
+        prompt_mask = pad_left([[1] * len(e.prompt_ids) for e in examples], 0)
         responses = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
-        input_ids, attention_mask, loss_mask = prompt_response_rows(prompts, responses, self.tokenizer.pad_token_id)
+        response_ids = pad_right(responses, pad)
+        response_mask = pad_right([[1] * len(r) for r in responses], 0)
+        prompt_index = torch.arange(len(examples)).repeat(2)
         return PreferenceBatch(
-            input_ids, attention_mask, loss_mask,
+            prompt_ids, prompt_mask, response_ids, response_mask, prompt_index,
             keys=[e.key for e in examples], prompts=[e.prompt for e in examples],
             chosen=[e.chosen for e in examples], rejected=[e.rejected for e in examples],
         )

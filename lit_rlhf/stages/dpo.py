@@ -4,8 +4,9 @@ Loss (DPO Eq. 7, seed 000 §6): -log sigmoid(beta [(log pi(y_w|x) - log ref(y_w|
 on summed response-token logps; the variant is chosen by name (``loss``), see :mod:`lit_rlhf.losses.preference`.
 Implicit rewards ``beta (log pi - log ref)`` give the logged ``rewards/{chosen,rejected,margins,accuracies}``.
 
-One concatenated forward scores chosen and rejected rows together; logits are projected only at response
-positions. The reference is the policy with its LoRA adapter disabled (no second copy) or a frozen copy for a full
+Chosen and rejected share their prompt: by default (``forward_mode=shared_prompt``) the prompt runs once and both
+responses run together on its KV cache (~1.7x fewer tokens than two full rows); ``concatenated`` runs the 2B full
+rows in one forward instead (needed with gradient checkpointing). Logits are projected only at response positions. The reference is the policy with its LoRA adapter disabled (no second copy) or a frozen copy for a full
 fine-tune, evaluated on the fly, or precomputed once and cached on disk (``reference=cached``).
 
     python -m lit_rlhf.experiments.dpo                                   # SmolLM2-135M + LoRA, built-in task, CPU
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from lit_rlhf import models, ref_cache
 from lit_rlhf.callbacks import log_table
-from lit_rlhf.logprobs import sequence_logps, token_logps
+from lit_rlhf.logprobs import response_logps, sequence_logps, token_logps
 from lit_rlhf.losses import PREFERENCE_LOSSES
 from lit_rlhf.metrics import PhaseMeans, Throughput, model_flop_counts, training_flops
 from lit_rlhf.optim import OptimizerSettings, build_optimizer, trainable_state_dict
@@ -41,6 +42,7 @@ class DPOModule(L.LightningModule):
         label_smoothing: float = 0.0,
         nll_coef: float = 0.0,
         reference: Literal["online", "cached"] = "online",
+        forward_mode: Literal["shared_prompt", "concatenated"] = "shared_prompt",
         ref_cache_dir: str | None = None,
         optimizer: OptimizerSettings = OptimizerSettings(),
         peak_flops: float = 200e9,
@@ -55,6 +57,8 @@ class DPOModule(L.LightningModule):
             nll_coef: weight of an NLL term on the chosen response (per-token mean), 0 disables it.
             reference: ``online`` computes reference logps every step; ``cached`` precomputes them once per
                 data set + reference model and stores them under ``ref_cache_dir``.
+            forward_mode: ``shared_prompt`` runs each prompt once under both responses (KV cache); ``concatenated``
+                runs 2B full rows (use it with gradient checkpointing, or for models without a KV cache).
             ref_cache_dir: where cached reference logps live (default ``$LIT_RLHF_CACHE/ref_logps``).
             optimizer: AdamW settings and learning-rate schedule.
             peak_flops: peak FLOP/s of one device, for MFU (CPU here: ~200e9 fp32; H100: ~989e12 bf16).
@@ -85,9 +89,13 @@ class DPOModule(L.LightningModule):
         self._flop_counts = model_flop_counts(self.policy)
 
     def pair_logps(self, lm: torch.nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sequence logps [2B] chosen-then-rejected, token logps [2B, T]) from one concatenated forward."""
-        logps = token_logps(lm, batch.input_ids, batch.attention_mask, batch.loss_mask).logps
-        return sequence_logps(logps, batch.loss_mask), logps
+        """(sequence logps [2B] chosen-then-rejected, token logps [2B, R]) of the responses."""
+        if self.hparams.forward_mode == "shared_prompt" and not self.spec.gradient_checkpointing:
+            logps = response_logps(lm, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, batch.prompt_index).logps
+        else:
+            input_ids, attention_mask, loss_mask, position_ids = batch.as_sequences()
+            logps = token_logps(lm, input_ids, attention_mask, loss_mask, position_ids).logps[:, batch.prompt_ids.shape[1] :]
+        return sequence_logps(logps, batch.response_mask), logps
 
     @torch.no_grad()
     def reference_logps(self, batch: PreferenceBatch) -> torch.Tensor:
@@ -139,14 +147,15 @@ class DPOModule(L.LightningModule):
             "logps/rejected": policy_logps[n:].detach().mean(),
         }
         if self.hparams.nll_coef > 0:
-            mask = batch.loss_mask[:n]
+            mask = batch.response_mask[:n]
             nll = -(token_lp[:n] * mask).sum() / mask.sum()
             loss = loss + self.hparams.nll_coef * nll
             metrics["nll"] = nll.detach()
         return loss, metrics
 
     def _log_throughput(self, batch: PreferenceBatch) -> None:
-        tokens, scored = int(batch.attention_mask.sum()), int(batch.loss_mask.sum())
+        scored = int(batch.response_mask.sum())
+        tokens = scored + int(batch.prompt_mask.sum()) * (1 if self.hparams.forward_mode == "shared_prompt" else 2)
         ref_forwards = 0 if self.ref_table is not None else 1
         flops = training_flops(*self._flop_counts, tokens, scored, self.spec.lora is None, ref_forwards)
         self.log_dict(self.throughput.step(batch.num_pairs, tokens, flops), batch_size=batch.num_pairs)

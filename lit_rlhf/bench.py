@@ -1,0 +1,142 @@
+"""Benchmarks (scripts, not tests): ``python -m lit_rlhf.bench dpo --workload W1|W2``.
+
+Prints one JSON line: samples/s (median step and wall), tokens/s, peak RSS of the training loop, MFU. Runs the real
+stage module under a Lightning ``Trainer`` on the built-in arithmetic data rendered with the SmolLM2 chat template
+(seed 0, the same records as the TRL baseline harness in ``shared/trl-baseline``).
+
+Workloads:
+  W1  tiny Llama (hidden 256, 4 layers, MLP 1024, tied), full fine-tune fp32, 8 pairs/step, max length 128, 30 steps
+  W2  SmolLM2-135M + LoRA r16 alpha 32 on q,k,v,o, fp32, 4 pairs/step, max length 128, 10 steps
+Set ``THP_MEM_ALLOC_ENABLE=1`` to compare with the quoted TRL figures (both sides under the same environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+DPO_WORKLOADS = {
+    "W1": {"model": "tiny", "lora": False, "pairs": 8, "steps": 30},
+    "W2": {"model": "smollm2-135m", "lora": True, "pairs": 4, "steps": 10},
+}
+
+
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class StepTimer(L.Callback):
+    """Per-step wall time over the training loop (setup excluded) and the loop's own peak RSS."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.begin = 0.0
+        self.cpu = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM so the peak is the training loop's
+        except OSError:
+            pass
+        self.cpu = resource.getrusage(resource.RUSAGE_SELF)
+        self.begin = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ends.append(time.perf_counter())
+
+    def step_times(self) -> list[float]:
+        ts = [self.begin] + self.ends
+        return [b - a for a, b in zip(ts, ts[1:])]
+
+
+def bench_dpo(workload: str, threads: int) -> dict:
+    from lit_rlhf import models
+    from lit_rlhf.data.preference import PreferenceDataModule
+    from lit_rlhf.data.tasks import arithmetic_preferences
+    from lit_rlhf.metrics import model_flop_counts, training_flops
+    from lit_rlhf.optim import OptimizerSettings
+    from lit_rlhf.stages.dpo import DPOModule
+
+    w = DPO_WORKLOADS[workload]
+    if threads:
+        torch.set_num_threads(threads)
+    L.seed_everything(0, verbose=False)
+    lora = models.LoRASettings(r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]) if w["lora"] else None
+    spec = models.ModelSpec(name=w["model"], lora=lora)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "pairs.jsonl")
+        with open(data, "w") as f:
+            for r in arithmetic_preferences(1000, 0):
+                f.write(json.dumps(r) + "\n")
+        dm = PreferenceDataModule(tokenizer=w["model"], path=data, val_fraction=0.0, batch_size=w["pairs"], max_length=128)
+        module = DPOModule(policy=spec, beta=0.1, optimizer=OptimizerSettings(lr=1e-5))
+        timer = StepTimer()
+        trainer = L.Trainer(
+            max_steps=w["steps"], accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+            callbacks=[timer], gradient_clip_val=1.0,
+        )
+        trainer.fit(module, datamodule=dm)
+        cpu_end = resource.getrusage(resource.RUSAGE_SELF)
+        steps = timer.step_times()
+        # tokens as the TRL harness counts them: non-pad tokens of the chosen and rejected sequences
+        seq_tokens = sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in dm.train_examples) / len(dm.train_examples)
+        n_body, head = model_flop_counts(module.policy)
+        resp = sum(len(e.chosen_ids) + len(e.rejected_ids) for e in dm.train_examples) / len(dm.train_examples)
+        prompt = sum(len(e.prompt_ids) for e in dm.train_examples) / len(dm.train_examples)
+        flops_step = training_flops(n_body, head, int(w["pairs"] * (prompt + resp)), int(w["pairs"] * resp), lora is None, 1)
+    med = statistics.median(steps[1:] or steps)
+    wall = timer.ends[-1] - timer.begin
+    return {
+        "workload": workload,
+        "framework": "lit_rlhf",
+        "model": w["model"],
+        "lora": w["lora"],
+        "pairs_per_step": w["pairs"],
+        "steps": len(steps),
+        "median_step_s": round(med, 4),
+        "first_step_s": round(steps[0], 3),
+        "pairs_per_s_median": round(w["pairs"] / med, 3),
+        "pairs_per_s_wall": round(w["pairs"] * len(steps) / wall, 3),
+        "tokens_per_s_wall": round(seq_tokens * w["pairs"] * len(steps) / wall, 1),
+        "mean_tokens_per_sequence": round(seq_tokens / 2, 1),
+        "peak_rss_train_mib": round(_status_mib("VmHWM"), 1),
+        "model_flops_per_step": flops_step,
+        "mfu_vs_200gflops_fp32": round(flops_step / med / 200e9, 3),
+        "cpu_user_s": round(cpu_end.ru_utime - timer.cpu.ru_utime, 1),
+        "cpu_sys_s": round(cpu_end.ru_stime - timer.cpu.ru_stime, 1),
+        "torch_threads": torch.get_num_threads(),
+        "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["dpo"])
+    ap.add_argument("--workload", required=True)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.workload not in DPO_WORKLOADS:
+        ap.error(f"unknown workload {args.workload!r} for {args.stage}; choose from {sorted(DPO_WORKLOADS)}")
+    result = bench_dpo(args.workload, args.threads)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
