@@ -1,4 +1,4 @@
-"""Benchmarks (scripts, not tests): ``python -m lit_rlhf.bench dpo --workload W1|W2``.
+"""DPO benchmark: ``python -m lit_rlhf.bench dpo --workload W1|W2``.
 
 Prints one JSON line: samples/s (median step and wall), tokens/s, peak RSS of the training loop, MFU. Runs the real
 stage module under a Lightning ``Trainer`` on the built-in arithmetic data rendered with the SmolLM2 chat template
@@ -12,13 +12,11 @@ Set ``THP_MEM_ALLOC_ENABLE=1`` to compare with the quoted TRL figures (both side
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import statistics
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -26,46 +24,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
+from lit_rlhf.bench.common import StepTimer, status_mib  # noqa: E402
+
 DPO_WORKLOADS = {
     "W1": {"model": "tiny", "lora": False, "pairs": 8, "steps": 30},
     "W2": {"model": "smollm2-135m", "lora": True, "pairs": 4, "steps": 10},
 }
 
 
-def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+WORKLOADS = DPO_WORKLOADS
 
 
-class StepTimer(L.Callback):
-    """Per-step wall time over the training loop (setup excluded) and the loop's own peak RSS."""
-
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-        self.begin = 0.0
-        self.cpu = None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM so the peak is the training loop's
-        except OSError:
-            pass
-        self.cpu = resource.getrusage(resource.RUSAGE_SELF)
-        self.begin = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.ends.append(time.perf_counter())
-
-    def step_times(self) -> list[float]:
-        ts = [self.begin] + self.ends
-        return [b - a for a, b in zip(ts, ts[1:])]
-
-
-def bench_dpo(workload: str, threads: int) -> dict:
+def run(workload: str, threads: int) -> dict:
     from lit_rlhf import models
     from lit_rlhf.data.preference import PreferenceDataModule
     from lit_rlhf.data.tasks import arithmetic_preferences
@@ -116,7 +86,7 @@ def bench_dpo(workload: str, threads: int) -> dict:
         "pairs_per_s_wall": round(w["pairs"] * len(steps) / wall, 3),
         "tokens_per_s_wall": round(seq_tokens * w["pairs"] * len(steps) / wall, 1),
         "mean_tokens_per_sequence": round(seq_tokens / 2, 1),
-        "peak_rss_train_mib": round(_status_mib("VmHWM"), 1),
+        "peak_rss_train_mib": round(status_mib("VmHWM"), 1),
         "model_flops_per_step": flops_step,
         "mfu_vs_200gflops_fp32": round(flops_step / med / 200e9, 3),
         "cpu_user_s": round(cpu_end.ru_utime - timer.cpu.ru_utime, 1),
@@ -124,19 +94,3 @@ def bench_dpo(workload: str, threads: int) -> dict:
         "torch_threads": torch.get_num_threads(),
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
     }
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["dpo"])
-    ap.add_argument("--workload", required=True)
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-    args = ap.parse_args(argv)
-    if args.workload not in DPO_WORKLOADS:
-        ap.error(f"unknown workload {args.workload!r} for {args.stage}; choose from {sorted(DPO_WORKLOADS)}")
-    result = bench_dpo(args.workload, args.threads)
-    print(json.dumps(result), flush=True)
-
-
-if __name__ == "__main__":
-    main()
