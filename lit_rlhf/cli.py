@@ -32,7 +32,6 @@ BASE_TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
-@dataclass
 DEFAULT_LINKS = {"model.policy.name": "data.tokenizer"}
 """Shared values declared once (source -> target): by default the policy's name gives the data's tokenizer."""
 
