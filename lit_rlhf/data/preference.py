@@ -136,17 +136,17 @@ class PreferenceDataModule(L.LightningDataModule):
         records = read_records(hp.path, hp.split, hp.max_records)
         if hp.val_split is not None:
             return records, read_records(hp.path, hp.val_split, hp.max_records)
-        n_val = max(1, int(len(records) * hp.val_fraction)) if len(records) > 1 else 0
+        n_val = max(1, int(len(records) * hp.val_fraction)) if hp.val_fraction > 0 and len(records) > 1 else 0
         order = torch.randperm(len(records), generator=torch.Generator().manual_seed(hp.seed)).tolist()
         return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
 
     def _example(self, record: dict) -> PreferenceExample | None:
         f, tok, hp = self.fields, self.tokenizer, self.hparams
-        chosen = get_field(record, f.chosen, "fields.chosen")
-        rejected = get_field(record, f.rejected, "fields.rejected")
+        chosen = _as_text(get_field(record, f.chosen, "fields.chosen"))
+        rejected = _as_text(get_field(record, f.rejected, "fields.rejected"))
         prompt_field = f.prompt if (f.prompt in record or f.prompt != "prompt") else "question"
         if prompt_field in record or f.prompt != "prompt":
-            prompt = get_field(record, prompt_field, "fields.prompt")
+            prompt = _as_text(get_field(record, prompt_field, "fields.prompt"))
         else:
             try:
                 prompt, chosen, rejected = render.split_implicit_prompt(chosen, rejected)
@@ -207,3 +207,8 @@ def _is_empty(value) -> bool:
     if render.is_messages(value):
         return not value or all(not str(m["content"]).strip() for m in value)
     return value is None
+
+
+def _as_text(value):
+    """Numbers read from CSV/Parquet columns become strings; text and message lists pass through."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
