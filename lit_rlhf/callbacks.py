@@ -9,9 +9,10 @@ import lightning as L
 
 
 class ExportCallback(L.Callback):
-    """At the end of ``fit``, call ``pl_module.export(DIR/export)`` on global rank 0 (``DIR`` = trainer root dir).
+    """At the end of ``fit``, call ``pl_module.export(DIR/export)`` on every rank (``DIR`` = trainer root dir).
 
-    Every stage module implements ``export(out_dir) -> dict[str, str]`` (written paths).
+    Every stage module implements ``export(out_dir) -> dict[str, str]`` (written paths); under FSDP2 gathering the
+    full weights is collective, and only global rank 0 writes.
     """
 
     def __init__(self, enabled: bool = True) -> None:
@@ -19,9 +20,10 @@ class ExportCallback(L.Callback):
         self.written: dict[str, str] = {}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.enabled and trainer.is_global_zero and not trainer.interrupted:
+        if self.enabled and not trainer.interrupted:
             self.written = pl_module.export(Path(trainer.default_root_dir) / "export")
-            print(f"[lit_rlhf] exported: {self.written}")
+            if trainer.is_global_zero:
+                print(f"[lit_rlhf] exported: {self.written}")
 
 
 def log_table(trainer: L.Trainer | None, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> None:

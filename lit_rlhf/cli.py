@@ -1,6 +1,8 @@
 """The shared LightningCLI of every stage: ``python -m lit_rlhf.experiments.<stage> [--config X.yaml] [--a.b=v]``.
 
-Adds to Lightning's CLI: ``--output_dir`` (everything of the run goes there: checkpoints, config, W&B files,
+Adds to Lightning's CLI: ``--trainer.strategy=fsdp2`` (Lightning's ``ModelParallelStrategy``; each stage shards
+its networks with FSDP2 in ``configure_model``; ``ddp`` and the other Lightning strategies work as usual),
+``--output_dir`` (everything of the run goes there: checkpoints, config, W&B files,
 ``export/``, ``final_metrics.json``), ``--ckpt_path`` (resume), ``--wandb.*`` (W&B logging; offline when no API key
 is configured), ``--validate_before_fit`` (held-out metrics at step 0, for before/after comparisons). The
 policy's name is linked to the data module's tokenizer, so a model is named once.
@@ -136,6 +138,11 @@ class RLHFCLI(LightningCLI):
             )
         )
         callbacks.append(ExportCallback(enabled=cfg.export))
+        strategy = self._get(self.config_init, "trainer", default={}).get("strategy")
+        if strategy == "fsdp2":
+            from lightning.pytorch.strategies import ModelParallelStrategy
+
+            kwargs["strategy"] = ModelParallelStrategy()  # FSDP2 (fully_shard) applied in each stage's configure_model
         kwargs.update(
             default_root_dir=str(output_dir),
             callbacks=callbacks,

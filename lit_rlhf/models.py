@@ -235,11 +235,24 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def export_pretrained(policy: nn.Module, tokenizer, out_dir: str | os.PathLike) -> dict[str, str]:
+def export_pretrained(policy: nn.Module, tokenizer, out_dir: str | os.PathLike, spec: ModelSpec | None = None, is_rank_zero: bool = True) -> dict[str, str]:
     """Write ``out_dir/merged`` (plain HF weights + tokenizer) and, with LoRA, ``out_dir/adapter`` — both atomically.
 
-    Merging works on a copy, so the policy keeps training after an export.
+    Merging works on a copy, so the policy keeps training after an export. Under FSDP2 every rank must call this
+    (the full weights are gathered collectively, then rank 0 rebuilds the network from ``spec`` and writes).
     """
+    from lit_rlhf.distributed import full_state_dict, is_sharded
+
+    if is_sharded(policy):
+        state = full_state_dict(policy)
+        if not is_rank_zero:
+            return {}
+        if spec is None:
+            raise ValueError("exporting a sharded policy needs its ModelSpec to rebuild the network")
+        policy = load_causal_lm(spec)
+        policy.load_state_dict(state)
+    elif not is_rank_zero:
+        return {}
     out_dir = Path(out_dir)
     written = {}
     if is_lora(policy):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from lit_rlhf import models, ref_cache
 from lit_rlhf.callbacks import log_table
+from lit_rlhf.distributed import fully_shard_lm
 from lit_rlhf.logprobs import response_logps, sequence_logps, token_logps
 from lit_rlhf.losses import PREFERENCE_LOSSES
 from lit_rlhf.metrics import PhaseMeans, Throughput, model_flop_counts, training_flops
@@ -84,9 +85,12 @@ class DPOModule(L.LightningModule):
         if self.policy is not None:
             return
         self.policy = models.load_causal_lm(self.spec)
+        self._flop_counts = model_flop_counts(self.policy)
         if self.spec.lora is None and self.hparams.reference == "online":
             self.frozen_reference = models.frozen_copy(self.policy)
-        self._flop_counts = model_flop_counts(self.policy)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2
+            for net in filter(None, (self.policy, self.frozen_reference)):
+                fully_shard_lm(net, self.device_mesh)
 
     def pair_logps(self, lm: torch.nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence logps [2B] chosen-then-rejected, token logps [2B, R]) of the responses."""
@@ -218,4 +222,5 @@ class DPOModule(L.LightningModule):
         self.ref_table = checkpoint.get("ref_table")
 
     def export(self, out_dir: Path) -> dict[str, str]:
-        return models.export_pretrained(self.policy, models.load_tokenizer(self.spec.name), out_dir)
+        tokenizer = models.load_tokenizer(self.spec.name)
+        return models.export_pretrained(self.policy, tokenizer, out_dir, self.spec, self.trainer.is_global_zero)
