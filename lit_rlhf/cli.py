@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -30,6 +31,7 @@ BASE_TRAINER_DEFAULTS: dict[str, Any] = {
     "num_sanity_val_steps": 0,
     "gradient_clip_val": 1.0,
     "enable_progress_bar": True,
+    "use_distributed_sampler": False,  # data modules shard one seeded permutation themselves (lit_rlhf.data.loaders)
     "inference_mode": False,  # no_grad for evaluation: tensors made there (metric states, caches) stay usable in training
 }
 
@@ -138,17 +140,34 @@ class RLHFCLI(LightningCLI):
             )
         )
         callbacks.append(ExportCallback(enabled=cfg.export))
-        strategy = self._get(self.config_init, "trainer", default={}).get("strategy")
-        if strategy == "fsdp2":
-            from lightning.pytorch.strategies import ModelParallelStrategy
-
-            kwargs["strategy"] = ModelParallelStrategy()  # FSDP2 (fully_shard) applied in each stage's configure_model
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if trainer_cfg.get("strategy") == "fsdp2":
+            kwargs["strategy"] = fsdp2_strategy(trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1))
         kwargs.update(
             default_root_dir=str(output_dir),
             callbacks=callbacks,
             logger=build_logger(cfg.wandb, output_dir, resume=cfg.ckpt_path is not None, config={"stage": self.stage}),
         )
         return super().instantiate_trainer(**kwargs)
+
+
+def fsdp2_strategy(devices, num_nodes: int):
+    """Lightning's ModelParallelStrategy as pure FSDP2: all processes on the data-parallel mesh dimension.
+
+    (Its default puts the processes of a node on the tensor-parallel dimension, which would leave FSDP2 a 1-rank
+    mesh and every process training on its own.)
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if isinstance(devices, (list, tuple)):
+        per_node = len(devices)
+    elif isinstance(devices, int) and devices > 0:
+        per_node = devices
+    elif isinstance(devices, str) and devices.isdigit():
+        per_node = int(devices)
+    else:  # "auto" / -1
+        per_node = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    return ModelParallelStrategy(data_parallel_size=per_node * int(num_nodes), tensor_parallel_size=1)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:

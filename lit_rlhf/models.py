@@ -55,7 +55,7 @@ class ModelSpec:
         name: built-in name (``tiny``, ``smollm2-135m``), a local HF directory, a ``.gguf`` file, or a hub id.
         dtype: weight dtype, ``float32`` or ``bfloat16``.
         lora: LoRA adapter settings; ``null`` trains all weights (full fine-tune).
-        seed: initialisation seed of the ``tiny`` model.
+        seed: initialisation seed of the ``tiny`` model and of LoRA adapters.
         gradient_checkpointing: recompute activations in backward (less memory, ~30% more compute).
         revision: hub revision (branch, tag or commit) for hub ids.
     """
@@ -189,7 +189,9 @@ def load_causal_lm(spec: ModelSpec) -> nn.Module:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if spec.lora is not None:
-        model = apply_lora(model, spec.lora)
+        with torch.random.fork_rng(devices=[]):  # adapter init from the spec's seed: identical on every rank and run
+            torch.manual_seed(spec.seed)
+            model = apply_lora(model, spec.lora)
     model.train()
     return model
 

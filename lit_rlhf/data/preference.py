@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from lit_rlhf.data import render
 from lit_rlhf.data.collate import pad_left, pad_right
+from lit_rlhf.data.loaders import sharded_loader
 from lit_rlhf.data.sources import DataError, get_field, read_records
 from lit_rlhf.data.tasks import arithmetic_preferences
 from lit_rlhf.types import PreferenceBatch
@@ -79,6 +80,7 @@ class PreferenceDataModule(L.LightningDataModule):
         chat_template: bool = True,
         batch_size: int = 8,
         val_batch_size: int = 16,
+        shuffle: bool = True,
         max_records: int | None = None,
     ) -> None:
         """
@@ -98,6 +100,7 @@ class PreferenceDataModule(L.LightningDataModule):
             chat_template: wrap plain-string prompts in the tokenizer's chat template (message lists always are).
             batch_size: pairs per training step (per device).
             val_batch_size: pairs per validation step.
+            shuffle: shuffle training pairs each epoch (seeded); off gives the file order (equivalence tests).
             max_records: read at most this many records from ``path`` (quick experiments).
         """
         super().__init__()
@@ -194,12 +197,11 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_examples, batch_size=self.hparams.batch_size, shuffle=True, generator=g, collate_fn=self.collate, drop_last=True)
+        hp = self.hparams
+        return sharded_loader(self.train_examples, hp.batch_size, self.collate, hp.shuffle, hp.seed, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_examples, batch_size=self.hparams.val_batch_size, shuffle=False, collate_fn=self.collate)
-
+        return sharded_loader(self.val_examples, self.hparams.val_batch_size, self.collate, False, 0, drop_last=False)
 
 def _is_empty(value) -> bool:
     if isinstance(value, str):

@@ -125,8 +125,9 @@ class DPOModule(L.LightningModule):
         # 3. preference loss (+ optional NLL on chosen)
         loss, metrics = self._loss(policy_logps, ref_logps, token_lp, batch)
         # 4. log
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, prog_bar=False, batch_size=batch.num_pairs)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.num_pairs)
+        sync = self.trainer.world_size > 1  # log the global mean, not rank 0's
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=batch.num_pairs, sync_dist=sync)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.num_pairs, sync_dist=sync)
         self._log_throughput(batch)
         return loss
 
