@@ -7,6 +7,7 @@ stage module under a Lightning ``Trainer`` on the built-in arithmetic data rende
 Workloads:
   W1  tiny Llama (hidden 256, 4 layers, MLP 1024, tied), full fine-tune fp32, 8 pairs/step, max length 128, 30 steps
   W2  SmolLM2-135M + LoRA r16 alpha 32 on q,k,v,o, fp32, 4 pairs/step, max length 128, 10 steps
+  W2c W2 with the reference logps precomputed (``reference=cached``); precompute time reported separately
 Set ``THP_MEM_ALLOC_ENABLE=1`` to compare with the quoted TRL figures (both sides under the same environment).
 """
 
@@ -17,6 +18,7 @@ import os
 import resource
 import statistics
 import tempfile
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,8 +29,11 @@ import torch  # noqa: E402
 from lit_rlhf.bench.common import StepTimer, status_mib  # noqa: E402
 
 DPO_WORKLOADS = {
-    "W1": {"model": "tiny", "lora": False, "pairs": 8, "steps": 30},
-    "W2": {"model": "smollm2-135m", "lora": True, "pairs": 4, "steps": 10},
+    "W1": {"model": "tiny", "lora": False, "pairs": 8, "steps": 30, "reference": "online", "n_data": 1000},
+    "W2": {"model": "smollm2-135m", "lora": True, "pairs": 4, "steps": 10, "reference": "online", "n_data": 1000},
+    # W2 with reference logps precomputed once (reference=cached) for the 40 pairs it trains on; the precompute
+    # time is inside fit_setup_s_incl_reference_precompute (with model loading); the step timings exclude it.
+    "W2c": {"model": "smollm2-135m", "lora": True, "pairs": 4, "steps": 10, "reference": "cached", "n_data": 40},
 }
 
 
@@ -52,11 +57,14 @@ def run(workload: str, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "pairs.jsonl")
         with open(data, "w") as f:
-            for r in arithmetic_preferences(1000, 0):
+            for r in arithmetic_preferences(w["n_data"], 0):
                 f.write(json.dumps(r) + "\n")
         dm = PreferenceDataModule(tokenizer=w["model"], path=data, val_fraction=0.0, batch_size=w["pairs"], max_length=128)
-        module = DPOModule(policy=spec, beta=0.1, optimizer=OptimizerSettings(lr=1e-5))
+        module = DPOModule(
+            policy=spec, beta=0.1, optimizer=OptimizerSettings(lr=1e-5), reference=w["reference"], ref_cache_dir=os.path.join(tmp, "ref"),
+        )
         timer = StepTimer()
+        fit_start = time.perf_counter()
         trainer = L.Trainer(
             max_steps=w["steps"], accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -64,13 +72,15 @@ def run(workload: str, threads: int) -> dict:
         )
         trainer.fit(module, datamodule=dm)
         cpu_end = resource.getrusage(resource.RUSAGE_SELF)
+        precompute_s = timer.begin - fit_start
         steps = timer.step_times()
         # tokens as the TRL harness counts them: non-pad tokens of the chosen and rejected sequences
         seq_tokens = sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in dm.train_examples) / len(dm.train_examples)
         n_body, head = model_flop_counts(module.policy)
         resp = sum(len(e.chosen_ids) + len(e.rejected_ids) for e in dm.train_examples) / len(dm.train_examples)
         prompt = sum(len(e.prompt_ids) for e in dm.train_examples) / len(dm.train_examples)
-        flops_step = training_flops(n_body, head, int(w["pairs"] * (prompt + resp)), int(w["pairs"] * resp), lora is None, 1)
+        ref_forwards = 1 if w["reference"] == "online" else 0
+        flops_step = training_flops(n_body, head, int(w["pairs"] * (prompt + resp)), int(w["pairs"] * resp), lora is None, ref_forwards)
     med = statistics.median(steps[1:] or steps)
     wall = timer.ends[-1] - timer.begin
     return {
@@ -78,6 +88,8 @@ def run(workload: str, threads: int) -> dict:
         "framework": "lit_rlhf",
         "model": w["model"],
         "lora": w["lora"],
+        "reference": w["reference"],
+        "fit_setup_s_incl_reference_precompute": round(precompute_s, 2),
         "pairs_per_step": w["pairs"],
         "steps": len(steps),
         "median_step_s": round(med, 4),
