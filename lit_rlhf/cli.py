@@ -20,7 +20,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from lightning.fabric.plugins import CheckpointIO
+
 from lit_rlhf.callbacks import ExportCallback
+from lit_rlhf.checkpointing import AtomicCheckpointIO
 from lit_rlhf.io import write_json
 
 BASE_TRAINER_DEFAULTS: dict[str, Any] = {
@@ -133,17 +136,22 @@ class RLHFCLI(LightningCLI):
         output_dir = Path(cfg.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         callbacks = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
-        callbacks.append(
+        every = cfg.checkpoint_every_n_steps or None
+        callbacks.append(  # last.ckpt always; with --checkpoint_every_n_steps also step=N.ckpt files
             ModelCheckpoint(
-                dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0,
-                every_n_train_steps=cfg.checkpoint_every_n_steps or None,
+                dirpath=output_dir / "checkpoints", filename="{step}", save_last=True, save_top_k=-1 if every else 0,
+                every_n_train_steps=every,
             )
         )
         callbacks.append(ExportCallback(enabled=cfg.export))
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("strategy") == "fsdp2":
             kwargs["strategy"] = fsdp2_strategy(trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1))
+        plugins = list(trainer_cfg.get("plugins") or [])
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
         kwargs.update(
+            plugins=plugins,
             default_root_dir=str(output_dir),
             callbacks=callbacks,
             logger=build_logger(cfg.wandb, output_dir, resume=cfg.ckpt_path is not None, config={"stage": self.stage}),

@@ -8,7 +8,7 @@ single process); rank r of W takes every W-th element. So step k's global batch 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
@@ -21,8 +21,38 @@ def world() -> tuple[int, int]:
     return 1, 0
 
 
-def sharded_loader(dataset: Sequence, batch_size: int, collate_fn: Callable, shuffle: bool, seed: int, drop_last: bool) -> DataLoader:
-    """A per-rank DataLoader over this rank's share of one seeded permutation (see module doc)."""
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that, once, skips the samples of the batches already consumed in the current epoch.
+
+    A run resumed from a mid-epoch checkpoint then continues with exactly the batches an uninterrupted run would see.
+    """
+
+    def __init__(self, *args, skip_samples: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_samples = skip_samples
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self.skip_samples = self.skip_samples, 0
+        return iter(indices[skip:])
+
+
+def batches_done_in_epoch(trainer) -> int:
+    """Batches of the current epoch already trained (non-zero only when resuming from a mid-epoch checkpoint)."""
+    if trainer is None:
+        return 0
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    # a checkpoint is written in the batch-end hooks: its batch is "processed" (optimizer stepped), not yet "completed"
+    return int(max(progress.processed, progress.completed))
+
+
+def sharded_loader(
+    dataset: Sequence, batch_size: int, collate_fn: Callable, shuffle: bool, seed: int, drop_last: bool, skip_batches: int = 0
+) -> DataLoader:
+    """A per-rank DataLoader over this rank's share of one seeded permutation (see module doc), skipping
+    ``skip_batches`` batches of the first epoch it serves (resume)."""
     size, rank = world()
-    sampler = DistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    sampler = ResumableSampler(
+        dataset, num_replicas=size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last, skip_samples=skip_batches * batch_size
+    )
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from lit_rlhf.data import render
 from lit_rlhf.data.collate import pad_left, pad_right
-from lit_rlhf.data.loaders import sharded_loader
+from lit_rlhf.data.loaders import batches_done_in_epoch, sharded_loader
 from lit_rlhf.data.sources import DataError, get_field, read_records
 from lit_rlhf.data.tasks import arithmetic_preferences
 from lit_rlhf.types import PreferenceBatch
@@ -198,7 +198,8 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return sharded_loader(self.train_examples, hp.batch_size, self.collate, hp.shuffle, hp.seed, drop_last=True)
+        skip = batches_done_in_epoch(self.trainer)
+        return sharded_loader(self.train_examples, hp.batch_size, self.collate, hp.shuffle, hp.seed, drop_last=True, skip_batches=skip)
 
     def val_dataloader(self) -> DataLoader:
         return sharded_loader(self.val_examples, self.hparams.val_batch_size, self.collate, False, 0, drop_last=False)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from lit_rlhf import models, ref_cache
 from lit_rlhf.callbacks import log_table
+from lit_rlhf.checkpointing import capture_rng, restore_rng
 from lit_rlhf.distributed import fully_shard_lm
 from lit_rlhf.logprobs import response_logps, sequence_logps, token_logps
 from lit_rlhf.losses import PREFERENCE_LOSSES
@@ -215,12 +216,14 @@ class DPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
+        checkpoint["rng"] = capture_rng()
         if self.ref_table is not None:
             checkpoint["ref_table"] = self.ref_table
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.strict_loading = False
         self.ref_table = checkpoint.get("ref_table")
+        restore_rng(checkpoint.get("rng"))
 
     def export(self, out_dir: Path) -> dict[str, str]:
         tokenizer = models.load_tokenizer(self.spec.name)
