@@ -14,7 +14,7 @@ from lit_rlhf.cli import run_stage
 from lit_rlhf.data.preference import PreferenceDataModule
 from lit_rlhf.stages.dpo import DPOModule
 
-TRAINER_DEFAULTS = {"max_steps": 150, "val_check_interval": 50, "check_val_every_n_epoch": None}
+TRAINER_DEFAULTS = {"max_steps": 120, "val_check_interval": 50, "check_val_every_n_epoch": None}
 
 
 def main(args=None):
