@@ -94,23 +94,73 @@ class PromptBatch(_Batch):
 
 
 @dataclass
-class Rollout(_Batch):
-    """Prompt + sampled completion, right-padded: input_ids/attention_mask/loss_mask [N, T].
+class Rollout(PromptResponseBatch):
+    """B prompts and N sampled completions (``G = N / B`` per prompt, rows of a group consecutive).
 
-    ``loss_mask`` marks completion tokens (including the EOS token when produced). ``sample_logps`` [N, T] are the
-    sampling distribution's logps of the chosen tokens (zeros outside ``loss_mask``). ``truncated`` [N] is True when
-    no EOS was produced within the token budget. ``prompt_index`` [N] maps each row to its prompt in the batch.
+    prompt_ids/prompt_mask [B, P] (left-padded), response_ids/response_mask [N, R] (right-padded), prompt_index [N]
+    as in :class:`PromptResponseBatch`, so scoring uses :func:`lit_rlhf.logprobs.response_logps`.
+    ``response_mask`` marks the completion tokens up to and including the EOS token. ``truncated`` [N] is True where
+    no EOS came within the token budget. ``sample_logps`` [N, R]: the sampling policy's logps of the chosen tokens
+    at the sampling temperature, before top-k/top-p filtering (0 outside the mask), as ``response_logps(...,
+    temperature)`` computes them; ``entropy`` [N, R]: the entropy of that tempered distribution at each completion
+    token. Both are None when the backend does not provide them. ``prompts`` ([B]) and ``completions`` ([N]) hold
+    the text.
     """
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    loss_mask: torch.Tensor
-    sample_logps: torch.Tensor
     truncated: torch.Tensor
-    prompt_index: torch.Tensor
+    sample_logps: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     completions: list[str] = field(default_factory=list)
 
     @property
+    def num_prompts(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+    @property
     def completion_lengths(self) -> torch.Tensor:
-        return self.loss_mask.sum(-1)
+        """Tokens per completion [N] (EOS included)."""
+        return self.response_mask.sum(-1)
+
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """The completions ``rows`` ([n] indices) with only the prompts they answer (prompt order kept)."""
+        used, prompt_index = torch.unique(self.prompt_index[rows], sorted=True, return_inverse=True)
+        prompt_mask = self.prompt_mask[used]
+        width = int(prompt_mask.sum(-1).max()) if len(used) else 0
+
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[rows]
+
+        return Rollout(
+            self.prompt_ids[used][:, prompt_mask.shape[1] - width :], prompt_mask[:, prompt_mask.shape[1] - width :],
+            self.response_ids[rows], self.response_mask[rows], prompt_index, self.truncated[rows],
+            pick(self.sample_logps), pick(self.entropy),
+            [self.prompts[i] for i in used.tolist()] if self.prompts else [],
+            [self.completions[i] for i in rows.tolist()] if self.completions else [],
+        )
+
+
+@dataclass
+class RankedBatch(PromptResponseBatch):
+    """B prompts with up to K responses each, ranked best first: response row ``k * B + b`` is rank k of prompt b
+    (N = K B; ``prompt_index`` = [0..B-1] * K). ``rank_mask`` [B, K] (bool) marks real responses, a prefix of each
+    row; a missing rank is a one-token placeholder row whose reward is ignored. A preference pair is K = 2.
+    """
+
+    rank_mask: torch.Tensor | None = None
+    prompts: list[str] = field(default_factory=list)
+    responses: list[list[str]] = field(default_factory=list)
+
+    @property
+    def num_prompts(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+
+@dataclass
+class ScoredBatch(PromptResponseBatch):
+    """N (prompt, response) rows with a target score each: ``scores`` [N] float (pointwise reward regression);
+    ``prompt_index`` = arange(N)."""
+
+    scores: torch.Tensor | None = None
+    prompts: list[str] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)

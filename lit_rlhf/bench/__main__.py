@@ -6,7 +6,7 @@ import argparse
 import importlib
 import json
 
-STAGES = ("dpo",)
+STAGES = ("dpo", "grpo")
 
 
 def main(argv=None) -> None:

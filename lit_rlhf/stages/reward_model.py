@@ -1,0 +1,249 @@
+"""Reward-model training (stage two of RLHF; InstructGPT §3.5, seed 000 §4, seed 001 "reward-model losses").
+
+A scalar reward r(x, y) (:mod:`lit_rlhf.reward_models`: a decoder with a score head on the last token, or a BERT-style
+encoder) is fitted to the data's record kind, each with its own pure loss (:mod:`lit_rlhf.losses.reward`):
+
+- pairs (``PreferenceBatch``, or ranked lists of 2):  Bradley–Terry  -log sigmoid(r(x, y_w) - r(x, y_l) - m)   (``margin`` m, Llama 2)
+- ranked lists (``RankedBatch``): K-wise ranking loss over all C(K,2) ordered pairs, / C(K,2) (InstructGPT Eq. 1)
+- scored records (``ScoredBatch``): pointwise regression (r(x, y) - s)^2 (seed 003 §3.5.2)
+
+plus two optional regularisers: ``lm_coef`` x the NLL of the best response under the backbone's own LM head
+(tied embeddings; keeps the features language-like, seed 001), and ``centering_coef`` x mean(r^2) (reward centering,
+Eisenstein et al. 2023). Every response row is one contiguous right-padded sequence, scored exactly as the exported
+model scores it.
+
+Metrics: ``{train,val}/loss``; ``rewards/accuracies`` (pairwise ranking accuracy over every ordered pair, torchmetrics
+``BinaryAccuracy``; the held-out figure of seed 003 §3.5.3), ``rewards/{chosen,rejected}`` and their ``_std`` (chosen =
+best response, rejected = the others), ``rewards/margins``, ``rewards/mean``. Calibration (seed 003 §3.6): after each
+validation a warning is issued when the held-out mean reward drifts further than ``calibration_limit`` from 0.
+
+    python -m lit_rlhf.experiments.rm                                    # SmolLM2-135M + LoRA, built-in pairs, CPU
+    python -m lit_rlhf.experiments.rm --config experiments/rm/minilm.yaml   # BERT-style encoder (all-MiniLM-L6-v2)
+    sbatch slurm/train.sbatch rm --config experiments/rm/qwen2.5-0.5b.yaml
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics import MeanMetric
+from torchmetrics.aggregation import CatMetric
+from torchmetrics.classification import BinaryAccuracy
+
+from lit_rlhf import models, reward_models
+from lit_rlhf.callbacks import log_table
+from lit_rlhf.distributed import full_state_dict, fully_shard_lm, is_sharded
+from lit_rlhf.losses import bradley_terry_loss, pointwise_regression_loss, ranking_loss, reward_centering_penalty
+from lit_rlhf.metrics import Throughput, training_flops
+from lit_rlhf.optim import OptimizerSettings, build_optimizer, trainable_state_dict
+from lit_rlhf.types import PreferenceBatch, PromptResponseBatch, RankedBatch, ScoredBatch
+
+
+def ranked_view(rewards: torch.Tensor, batch: PromptResponseBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards [B, K] best first, mask [B, K]) of a pair or ranked batch (row k * B + b = rank k of prompt b)."""
+    b = int(batch.prompt_ids.shape[0])
+    ranked = rewards.view(-1, b).T
+    mask = batch.rank_mask if isinstance(batch, RankedBatch) else torch.ones_like(ranked, dtype=torch.bool)
+    return ranked, mask.bool()
+
+
+def pair_differences(ranked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """r_i - r_j for every valid ordered pair i < j (i ranked better): [number of pairs]."""
+    k = ranked.shape[1]
+    upper = torch.ones(k, k, dtype=torch.bool, device=ranked.device).triu(1)
+    valid = upper & mask[:, :, None] & mask[:, None, :]
+    return (ranked[:, :, None] - ranked[:, None, :])[valid]
+
+
+class RewardModule(L.LightningModule):
+    def __init__(
+        self,
+        backbone: models.ModelSpec = models.ModelSpec(lora=models.LoRASettings(target_modules=["all-linear"])),
+        margin: float = 0.0,
+        lm_coef: float = 0.0,
+        centering_coef: float = 0.0,
+        calibration_limit: float = 10.0,
+        forward_mode: Literal["shared_prompt", "concatenated"] = "shared_prompt",
+        optimizer: OptimizerSettings = OptimizerSettings(lr=1e-3, warmup_steps=10, schedule="cosine"),
+        peak_flops: float = 200e9,
+        table_rows: int = 8,
+    ) -> None:
+        """
+        Args:
+            backbone: the network (``tiny``, ``smollm2-135m``, ``minilm-l6``, an HF dir or hub id), dtype, LoRA.
+            margin: Bradley–Terry margin m for pairs: the chosen reward must win by m.
+            lm_coef: weight of the LM regulariser (NLL of the best response; decoders with tied embeddings), 0 = off.
+            centering_coef: weight of the reward-centering penalty mean(r^2), 0 = off.
+            calibration_limit: warn when the held-out mean reward is further than this from 0.
+            forward_mode: ``shared_prompt`` runs each prompt once under all its responses (KV cache; decoders without
+                gradient checkpointing or the LM regulariser); ``concatenated`` runs every full row.
+            optimizer: AdamW settings and learning-rate schedule.
+            peak_flops: peak FLOP/s of one device, for MFU (CPU here: ~200e9 fp32; H100: ~989e12 bf16).
+            table_rows: held-out records shown in the W&B sample table.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = backbone
+        self.optim_settings = optimizer
+        self.model: torch.nn.Module | None = None
+        self._tokenizer = None
+        self.val_loss, self.val_accuracy = MeanMetric(), BinaryAccuracy()
+        self.val_chosen, self.val_rejected = CatMetric(), CatMetric()
+        self.throughput = Throughput(peak_flops)
+        self._table_rows: list[list] = []
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = reward_models.load_tokenizer(self.spec.name, self.spec.revision)
+        return self._tokenizer
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = reward_models.load_reward_model(self.spec, self.tokenizer.pad_token_id)
+        base = self.model.get_base_model() if models.is_lora(self.model) else self.model
+        body = sum(p.numel() for p in base.parameters()) - base.get_input_embeddings().weight.numel()
+        self._flop_counts = (body, 0)  # (non-embedding parameters, output head): a scalar head costs ~nothing
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (decoder backbones)
+            fully_shard_lm(self.model, self.device_mesh)
+
+    def rewards(self, batch: PromptResponseBatch, with_lm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rewards [N] of every response row, LM logps of the best responses' tokens or None), one forward."""
+        shared = self.hparams.forward_mode == "shared_prompt" and not with_lm and not self.spec.gradient_checkpointing
+        if shared and not reward_models.is_encoder(self.model.config):
+            args = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, batch.prompt_index)
+            return reward_models.shared_prompt_rewards(self.model, *args), None
+        input_ids, attention_mask, loss_mask, _ = batch.as_sequences()
+        input_ids, attention_mask, loss_mask = reward_models.contiguous_rows(input_ids, attention_mask, self.tokenizer.pad_token_id, loss_mask)
+        lm_mask = None
+        if with_lm:  # rows of the best responses: the first B (chosen, rank 0)
+            lm_mask = torch.zeros_like(loss_mask)
+            lm_mask[: batch.prompt_ids.shape[0]] = loss_mask[: batch.prompt_ids.shape[0]]
+        return reward_models.sequence_rewards(self.model, input_ids, attention_mask, lm_mask)
+
+    def score(self, prompts: list, responses: list) -> list[float]:
+        """Rewards of (prompt, response) pairs (strings or chat messages), rendered as in training."""
+        return reward_models.score(self.model, self.tokenizer, prompts, responses)
+
+    # -- loss -----------------------------------------------------------------------------------------------------
+    def _loss(self, batch: PromptResponseBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, rewards [N], metrics) for any record kind."""
+        lm = self.hparams.lm_coef > 0 and not isinstance(batch, ScoredBatch)
+        rewards, lm_logps = self.rewards(batch, with_lm=lm)
+        metrics: dict[str, torch.Tensor] = {"rewards/mean": rewards.detach().mean()}
+        if isinstance(batch, ScoredBatch):
+            loss = pointwise_regression_loss(rewards, batch.scores.to(rewards)).mean()
+        else:
+            ranked, mask = ranked_view(rewards, batch)
+            if isinstance(batch, PreferenceBatch) or (ranked.shape[1] == 2 and bool(mask.all())):  # pairs
+                margin = torch.full_like(ranked[:, 0], self.hparams.margin) if self.hparams.margin else None
+                loss = bradley_terry_loss(ranked[:, 0], ranked[:, 1], margin).mean()
+            else:
+                loss = ranking_loss(ranked, mask).mean()
+            chosen, rejected = ranked[:, 0].detach(), ranked[:, 1:][mask[:, 1:]].detach()
+            metrics.update({
+                "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+                "rewards/margins": chosen.mean() - rejected.mean(),
+                "rewards/accuracies": (pair_differences(ranked.detach(), mask) > 0).float().mean(),
+            })
+        if self.hparams.centering_coef > 0:
+            loss = loss + reward_centering_penalty(rewards, self.hparams.centering_coef)
+        if lm:
+            nll = -lm_logps.mean()
+            loss = loss + self.hparams.lm_coef * nll
+            metrics["lm_nll"] = nll.detach()
+        return loss, rewards, metrics
+
+    # -- training -------------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self.throughput.start()
+
+    def training_step(self, batch: PromptResponseBatch, batch_idx: int) -> torch.Tensor:
+        # 1. rewards of every response row + 2. the record kind's loss (+ regularisers)
+        loss, _, metrics = self._loss(batch)
+        # 3. log
+        n = int(batch.prompt_ids.shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n)
+        tokens = int(batch.prompt_mask[batch.prompt_index].sum() + batch.response_mask.sum())
+        flops = training_flops(*self._flop_counts, tokens, 0, self.spec.lora is None, 0)
+        self.log_dict(self.throughput.step(len(batch), tokens, flops), batch_size=n)
+        return loss
+
+    # -- validation -----------------------------------------------------------------------------------------------
+    def validation_step(self, batch: PromptResponseBatch, batch_idx: int) -> None:
+        loss, rewards, _ = self._loss(batch)
+        n = int(batch.prompt_ids.shape[0])
+        self.val_loss.update(loss.detach(), n)
+        self.log("val/loss", self.val_loss, on_epoch=True, on_step=False, batch_size=n)
+        if isinstance(batch, ScoredBatch):
+            self.val_chosen.update(rewards.detach())
+            return
+        ranked, mask = ranked_view(rewards.detach(), batch)
+        diffs = pair_differences(ranked, mask)
+        self.val_accuracy.update(torch.sigmoid(diffs), torch.ones_like(diffs, dtype=torch.long))
+        self.log("val/rewards/accuracies", self.val_accuracy, on_epoch=True, on_step=False, batch_size=n)
+        self.val_chosen.update(ranked[:, 0])
+        self.val_rejected.update(ranked[:, 1:][mask[:, 1:]])
+        self._collect_table_rows(batch, ranked)
+
+    def on_validation_epoch_end(self) -> None:
+        chosen = self.val_chosen.compute() if self.val_chosen.update_count else torch.zeros(0)
+        rejected = self.val_rejected.compute() if self.val_rejected.update_count else torch.zeros(0)
+        self.val_chosen.reset()
+        self.val_rejected.reset()
+        everything = torch.cat([chosen.flatten(), rejected.flatten()]).float()
+        if everything.numel() == 0:
+            return
+        stats = {"val/rewards/mean": everything.mean(), "val/rewards/std": everything.std(unbiased=False)}
+        if rejected.numel():
+            stats.update({
+                "val/rewards/chosen": chosen.mean(), "val/rewards/chosen_std": chosen.float().std(unbiased=False),
+                "val/rewards/rejected": rejected.mean(), "val/rewards/rejected_std": rejected.float().std(unbiased=False),
+                "val/rewards/margins": chosen.mean() - rejected.mean(),
+            })
+        self.log_dict(stats)
+        mean = float(stats["val/rewards/mean"])
+        if abs(mean) > self.hparams.calibration_limit and not self.trainer.sanity_checking:
+            rank_zero_warn(
+                f"reward model may be miscalibrated: held-out mean reward {mean:.2f} is further than "
+                f"calibration_limit={self.hparams.calibration_limit} from 0; consider --model.centering_coef=0.01"
+            )
+        if self._table_rows and not self.trainer.sanity_checking:
+            log_table(self.trainer, "val/samples", ["prompt", "best", "other", "best_reward", "other_reward"], self._table_rows, step=self.global_step)
+        self._table_rows = []
+
+    def _collect_table_rows(self, batch: PromptResponseBatch, ranked: torch.Tensor) -> None:
+        texts = (
+            [[c, r] for c, r in zip(batch.chosen, batch.rejected)] if isinstance(batch, PreferenceBatch) else batch.responses
+        )
+        for i in range(min(self.hparams.table_rows - len(self._table_rows), len(texts))):
+            self._table_rows.append([batch.prompts[i], texts[i][0], texts[i][1], float(ranked[i, 0]), float(ranked[i, 1])])
+
+    # -- optimisation, checkpoints, export ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return build_optimizer(params, self.optim_settings, self.trainer.estimated_stepping_batches)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.strict_loading = False
+
+    def export(self, out_dir: Path) -> dict[str, str]:
+        model = self.model
+        if is_sharded(model):  # FSDP2: gather the full weights (collective), rank 0 rebuilds the network and writes
+            state = full_state_dict(model)
+            if not self.trainer.is_global_zero:
+                return {}
+            model = reward_models.load_reward_model(self.spec, self.tokenizer.pad_token_id)
+            model.load_state_dict(state)
+        elif self._trainer is not None and not self.trainer.is_global_zero:
+            return {}
+        return reward_models.export_reward_model(model, self.tokenizer, out_dir)
