@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from lit_rlhf.data.preference import PreferenceDataModule, PreferenceFields
 from lit_rlhf.data.sources import DataError

@@ -1,7 +1,6 @@
 """DPO stage end to end on the tiny model (CPU): learning signal, export, W&B read-back, cache, resume."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

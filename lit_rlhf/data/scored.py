@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_rlhf.data import render
+from lit_rlhf.data.loaders import batches_done_in_epoch, sharded_loader
 from lit_rlhf.data.collate import pad_left, pad_right
 from lit_rlhf.data.preference import PreferenceDataModule, PreferenceFields
 from lit_rlhf.data.sources import DataError, get_field, read_records
@@ -232,8 +233,8 @@ class RewardDataModule(L.LightningDataModule):
         return RankedBatch(prompt_ids, prompt_mask, response_ids, response_mask, index, rank_mask, prompts, [e.responses for e in examples])
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_examples, batch_size=self.hparams.batch_size, shuffle=True, generator=g, collate_fn=self.collate, drop_last=True)
+        hp, skip = self.hparams, batches_done_in_epoch(self.trainer)
+        return sharded_loader(self.train_examples, hp.batch_size, self.collate, True, hp.seed, drop_last=True, skip_batches=skip)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_examples, batch_size=self.hparams.val_batch_size, shuffle=False, collate_fn=self.collate)
+        return sharded_loader(self.val_examples, self.hparams.val_batch_size, self.collate, False, 0, drop_last=False)

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_rlhf.data import render
+from lit_rlhf.data.loaders import batches_done_in_epoch, sharded_loader
 from lit_rlhf.data.collate import pad_left, pad_right
 from lit_rlhf.data.sources import DataError, get_field, read_records
 from lit_rlhf.data.tasks import arithmetic_worked_sft
@@ -266,16 +267,16 @@ class SFTDataModule(L.LightningDataModule):
         return usable[: self.hparams.eval_prompts]
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_rows, batch_size=self.hparams.batch_size, shuffle=True, generator=g, collate_fn=self.collate, drop_last=True)
+        hp, skip = self.hparams, batches_done_in_epoch(self.trainer)
+        return sharded_loader(self.train_rows, hp.batch_size, self.collate, True, hp.seed, drop_last=True, skip_batches=skip)
 
     def val_dataloader(self) -> list[DataLoader]:
         bs = self.hparams.val_batch_size
-        rows = DataLoader([[e] for e in self.val_examples], batch_size=bs, shuffle=False, collate_fn=self._collate_unpacked)
+        rows = sharded_loader([[e] for e in self.val_examples], bs, self._collate_unpacked, False, 0, drop_last=False)
         prompts = self.eval_examples()
         if not prompts:
             return [rows]
-        return [rows, DataLoader(prompts, batch_size=bs, shuffle=False, collate_fn=self.collate_prompts)]
+        return [rows, sharded_loader(prompts, bs, self.collate_prompts, False, 0, drop_last=False)]
 
     def _collate_unpacked(self, rows: list[list[SFTExample]]) -> SFTBatch:
         batch = self.collate(rows)

@@ -22,7 +22,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from lit_rlhf import models, ref_cache
 from lit_rlhf.callbacks import log_table
