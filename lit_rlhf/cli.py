@@ -205,7 +205,17 @@ def run_stage(
         summary = {"stage": stage, "global_step": trainer.global_step, "start": start, "end": end, "train_last": train_end}
         write_json(output_dir / "final_metrics.json", summary)
         _print_summary(stage, start, end)
+    _finish_wandb(trainer)
     return cli
+
+
+def _finish_wandb(trainer: L.Trainer) -> None:
+    """Close the W&B run so its files are complete when the stage returns (pipelines run stages in one process)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def _remember_wandb_run(trainer: L.Trainer, output_dir: Path) -> None:
