@@ -40,7 +40,9 @@ def ensure_slurm_installed(timeout: float = 900) -> str | None:
         return f"missing {missing_binaries()} and no apt-get on this system"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     t0 = time.time()
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES]):
+    wait_lock = ["-o", "DPkg::Lock::Timeout=300"]  # another apt/dpkg run (e.g. a second test session) finishes first
+    for cmd in (["apt-get", *wait_lock, "update", "-qq"],
+                ["apt-get", *wait_lock, "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES]):
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from lit_rlhf.data.prompts import PromptDataModule, PromptFields, builtin_prompts, concat_prompt_batches, with_system_prompt
+from lit_rlhf.data.prompts import PromptDataModule, PromptFields, builtin_prompts, concat_prompt_batches, with_instructions
 from lit_rlhf.data.sources import DataError
 from lit_rlhf.data.tasks import answer_value, arithmetic_prompts
 
@@ -44,14 +44,18 @@ def test_builtin_batches_render_the_chat_template_with_the_default_system_prompt
     assert dm.tokenizer.decode(ids) == batch.prompts[0]
 
 
-def test_system_prompt_replaces_the_default_unless_the_prompt_has_one():
-    assert with_system_prompt("Hi", "Be brief.") == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+def test_system_prompt_and_instruction():
+    """A system turn replaces the template's default unless the prompt has its own; the instruction goes at the end
+    of the last user turn; the record itself is not modified."""
+    assert with_instructions("Hi", "Be brief.", None) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     own = [{"role": "system", "content": "Mine."}, {"role": "user", "content": "Hi"}]
-    assert with_system_prompt(own, "Be brief.") == own
-    assert with_system_prompt("Hi", None) == "Hi"
-    dm = PromptDataModule(num_train=4, num_val=2, system_prompt="Answer with just the number.")
+    assert with_instructions(own, "Be brief.", "Now.") == [own[0], {"role": "user", "content": "Hi Now."}]
+    assert own[1]["content"] == "Hi"
+    assert with_instructions("Hi", None, None) == "Hi"
+    dm = PromptDataModule(num_train=4, num_val=2, system_prompt="You add.", instruction="Answer with just the number.")
     dm.setup()
-    assert dm.train_examples[0].prompt.startswith("<|im_start|>system\nAnswer with just the number.<|im_end|>")
+    assert dm.train_examples[0].prompt.startswith("<|im_start|>system\nYou add.<|im_end|>")
+    assert "?  Answer" not in dm.train_examples[0].prompt and "? Answer with just the number.<|im_end|>" in dm.train_examples[0].prompt
 
 
 def test_gsm8k_file_question_field_and_hash_answers(fixtures_dir):

@@ -60,6 +60,7 @@ def run(workload: str, threads: int) -> dict:
     from lit_rlhf.stages.grpo import GRPOModule
 
     w = GRPO_WORKLOADS[workload]
+    load_start = os.getloadavg()[0]
     if threads:
         torch.set_num_threads(threads)
     L.seed_everything(0, verbose=False)
@@ -111,4 +112,5 @@ def run(workload: str, threads: int) -> dict:
         "cpu_sys_s": round(cpu_end.ru_stime - timer.cpu.ru_stime, 1),
         "torch_threads": torch.get_num_threads(),
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
+        "load_avg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],  # machine load before/after: >2 = shared
     }

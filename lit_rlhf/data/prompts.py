@@ -4,7 +4,7 @@ Sources: the built-in ``arithmetic`` task (deterministic by seed, held-out quest
 JSON/JSONL/CSV/Parquet file or a hub dataset (``path``), with explicit field mapping (``fields``). A prompt is a
 string or a chat-message list; message lists, and strings when ``chat_template`` is on, go through the tokenizer's
 chat template with the generation prompt (SmolLM2's template adds its default system prompt when the prompt has no
-system turn; ``system_prompt`` sets one). The ``answer`` column is normalised to a number: ints and floats as they
+system turn; ``system_prompt`` sets one, ``instruction`` is appended to the user turn). The ``answer`` column is normalised to a number: ints and floats as they
 are, strings by their GSM8K final answer ("... #### 72" -> 72) or else their last number; a record whose answer has
 no number keeps ``None`` (no accuracy for it, and reward functions skip it). Prompts longer than
 ``max_prompt_length`` tokens are cut from the left (their end is kept) and counted.
@@ -60,14 +60,18 @@ def builtin_prompts(task: str, num_train: int, num_val: int, seed: int) -> tuple
     return train[:num_train], val
 
 
-def with_system_prompt(prompt: render.Text, system_prompt: str | None) -> render.Text:
-    """Prepend a system turn (string prompts become one user turn) unless the prompt already has one."""
-    if system_prompt is None:
+def with_instructions(prompt: render.Text, system_prompt: str | None, instruction: str | None) -> render.Text:
+    """Append ``instruction`` to the last user turn and prepend a ``system_prompt`` turn unless the prompt has one
+    (a string prompt becomes one user turn when either is set)."""
+    if system_prompt is None and instruction is None:
         return prompt
-    messages = prompt if render.is_messages(prompt) else [{"role": "user", "content": prompt}]
-    if messages and messages[0]["role"] == "system":
-        return messages
-    return [{"role": "system", "content": system_prompt}, *messages]
+    messages = [dict(m) for m in prompt] if render.is_messages(prompt) else [{"role": "user", "content": prompt}]
+    if instruction is not None:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[last]["content"] = f"{messages[last]['content']} {instruction}"
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return messages
 
 
 def concat_prompt_batches(batches: list[PromptBatch], pad_token_id: int) -> PromptBatch:
@@ -101,6 +105,7 @@ class PromptDataModule(L.LightningDataModule):
         num_val: int = 64,
         seed: int = 0,
         system_prompt: str | None = None,
+        instruction: str | None = None,
         chat_template: bool = True,
         max_prompt_length: int = 256,
         batch_size: int = 8,
@@ -123,6 +128,7 @@ class PromptDataModule(L.LightningDataModule):
             num_val: built-in task: held-out prompts (questions disjoint from training).
             seed: data seed (built-in generation, hold-out split, shuffling).
             system_prompt: system turn added to every prompt without one (``null``: the chat template's default).
+            instruction: text appended to the (last) user turn of every prompt, e.g. ``Answer with just the number.``
             chat_template: wrap plain-string prompts in the tokenizer's chat template (message lists always are).
             max_prompt_length: prompt tokens kept (from the end) when a prompt is longer; counted and reported.
             batch_size: prompts per training step (per device); each gets G completions.
@@ -187,7 +193,7 @@ class PromptDataModule(L.LightningDataModule):
         f, hp = self.fields, self.hparams
         gsm8k = f.prompt == "prompt" and "prompt" not in record and "question" in record
         prompt_field = "question" if gsm8k else f.prompt
-        prompt = with_system_prompt(get_field(record, prompt_field, "fields.prompt"), hp.system_prompt)
+        prompt = with_instructions(get_field(record, prompt_field, "fields.prompt"), hp.system_prompt, hp.instruction)
         text = render.render_prompt(self.tokenizer, prompt, hp.chat_template)
         ids = render.encode(self.tokenizer, text)
         if len(ids) > hp.max_prompt_length:
