@@ -96,9 +96,17 @@ def build_logger(settings: WandbSettings, output_dir: Path, resume: bool, config
 class LoggerSaveConfig(SaveConfigCallback):
     """Writes the resolved config to ``output_dir/config.yaml`` (re-runnable) and W&B's run config."""
 
-    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_hyperparams(self.config.as_dict())
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:  # output_dir, not the logger's log_dir (csv/version_N when W&B is disabled)
+            config_path = Path(trainer.default_root_dir) / self.config_filename
+            config_path.parent.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(config_path), skip_none=False, overwrite=True, multifile=False)
+            if trainer.logger is not None:
+                trainer.logger.log_hyperparams(self.config.as_dict())
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
 
 class RLHFCLI(LightningCLI):

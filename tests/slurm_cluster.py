@@ -89,7 +89,7 @@ class LocalSlurm:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            f"AuthInfo=socket={self.munge_socket},cred_expire=10",  # a requeued job waits cred_expire (default 120 s)
             f"StateSaveLocation={r}/state",
             f"SlurmdSpoolDir={r}/spool",
             f"SlurmctldPidFile={r}/slurmctld.pid",
@@ -103,6 +103,7 @@ class LocalSlurm:
             "JobCompType=jobcomp/none",
             "SwitchType=switch/none",
             "MpiDefault=none",
+            "MailProg=/bin/true",
             "SchedulerType=sched/backfill",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",
@@ -137,7 +138,14 @@ class LocalSlurm:
         return self
 
     def stop(self) -> None:
-        """Terminate the daemons started by :meth:`start` (by their process ids), newest first."""
+        """Cancel this cluster's jobs, then terminate the daemons started by :meth:`start` (by their process ids)."""
+        if self._procs.get("slurmctld") is not None and self._procs["slurmctld"].poll() is None:
+            jobs = self.run(["squeue", "-h", "-o", "%A"], check=False).stdout.split()
+            if jobs:
+                self.run(["scancel", *sorted(set(jobs))], check=False)
+                deadline = time.time() + 30
+                while time.time() < deadline and self.run(["squeue", "-h"], check=False).stdout.strip():
+                    time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self._procs.pop(name, None)
             if proc is None or proc.poll() is not None:
@@ -157,7 +165,7 @@ class LocalSlurm:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.stdout", "ab")
-        self._procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self._procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, preexec_fn=_die_with_parent)
 
     def _wait_for(self, ready, timeout: float, what: str) -> None:
         deadline = time.time() + timeout
@@ -210,6 +218,17 @@ class LocalSlurm:
                 return states
             time.sleep(poll)
         raise TimeoutError(f"job {job_id} not finished after {timeout:.0f} s: {last}\n{self.logs()}")
+
+
+def _die_with_parent() -> None:
+    """In a daemon's child process before exec: SIGTERM it when the test process dies (even by SIGKILL)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
 
 
 def _expand(task_ids: str) -> list[str]:

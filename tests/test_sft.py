@@ -87,7 +87,7 @@ def test_sft_smoke_full_finetune_and_export(tmp_path):
     initial = models.load_causal_lm(models.ModelSpec(name="tiny", lora=None)).state_dict()
     trained = cli.model.policy.state_dict()
     assert any(not torch.equal(initial[k], trained[k]) for k in initial)
-    assert any(tmp_path.rglob("config.yaml")) and (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoints" / "last.ckpt").exists()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged = tmp_path / "export" / "merged"

@@ -112,8 +112,8 @@ stage: dpo
 base_config: experiments/dpo/tiny.yaml
 output_root: {root}
 fixed:
-  trainer.max_steps: 40
-  trainer.val_check_interval: 40
+  trainer.max_steps: 24
+  trainer.val_check_interval: 24
   trainer.enable_progress_bar: false
   data.num_val: 8
   checkpoint_every_n_steps: 2
@@ -123,7 +123,7 @@ fixed:
 def test_preempted_cell_requeues_and_resumes(local_slurm, tmp_path):
     """SIGUSR1 to the cell (what ``--signal=B:USR1@90`` sends before the time limit) makes Lightning save
     ``hpc_ckpt_1.ckpt`` and ``scontrol requeue`` the task; the requeued task resumes from the newest checkpoint
-    (``run-cell`` adds ``--ckpt_path``) and finishes its 40 steps."""
+    (``run-cell`` adds ``--ckpt_path``) and finishes its 24 steps."""
     spec_path = tmp_path / "preempt.yaml"
     spec_path.write_text(PREEMPT_SPEC.format(root=tmp_path / "runs"))
     job_id = sweep_cli(local_slurm, "submit", str(spec_path)).strip().splitlines()[-1].removeprefix("job_id=")
@@ -145,8 +145,8 @@ def test_preempted_cell_requeues_and_resumes(local_slurm, tmp_path):
     assert json.loads((cell_dir / sw.CELL_FILE).read_text())["restarts"] == 1
     resumed = [line for line in text.splitlines() if line.startswith("$ ") and "--ckpt_path=" in line]
     assert len(resumed) == 1, text[-5000:]
-    assert json.loads((cell_dir / "final_metrics.json").read_text())["global_step"] == 40
-    print(f"[slurm] {job_id}_0 requeued once and resumed with {resumed[0].split()[-1]}; finished at step 40")
+    assert json.loads((cell_dir / "final_metrics.json").read_text())["global_step"] == 24
+    print(f"[slurm] {job_id}_0 requeued once and resumed with {resumed[0].split()[-1]}; finished at step 24")
 
 
 def test_multinode_template_ranks_come_from_srun(local_slurm, tmp_path):
