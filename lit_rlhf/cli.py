@@ -11,6 +11,8 @@ policy's name is linked to the data module's tokenizer, so a model is named once
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -152,6 +154,7 @@ class RLHFCLI(LightningCLI):
             )
         )
         callbacks.append(ExportCallback(enabled=cfg.export))
+        callbacks.append(ExitAfterRequeue())
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("strategy") == "fsdp2":
             kwargs["strategy"] = fsdp2_strategy(trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1))
@@ -162,9 +165,34 @@ class RLHFCLI(LightningCLI):
             plugins=plugins,
             default_root_dir=str(output_dir),
             callbacks=callbacks,
-            logger=build_logger(cfg.wandb, output_dir, resume=cfg.ckpt_path is not None, config={"stage": self.stage}),
+            logger=build_logger(cfg.wandb, output_dir, resume=is_resume(cfg.ckpt_path, output_dir), config={"stage": self.stage}),
         )
         return super().instantiate_trainer(**kwargs)
+
+
+class ExitAfterRequeue(L.Callback):
+    """Under SLURM auto-requeue (``--signal=USR1@..``): mark the W&B run preempted and close it, let Lightning's
+    handler save ``hpc_ckpt_N.ckpt`` and run ``scontrol requeue``, then exit. Otherwise this process would train on
+    until SLURM kills it, still holding the W&B run id that the requeued job resumes."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        env = trainer._accelerator_connector.cluster_environment  # what Lightning's signal connector reads
+        if not (isinstance(env, SLURMEnvironment) and env.auto_requeue):
+            return
+        requeue = signal.getsignal(env.requeue_signal)
+        if not callable(requeue):
+            return
+
+        def requeue_then_exit(signum, frame) -> None:
+            _finish_wandb(trainer, preempted=True)  # first: the requeue's SIGTERM also stops W&B's service process
+            if "wandb" in sys.modules:
+                sys.modules["wandb"].teardown()
+            requeue(signum, frame)
+            raise SystemExit(0)
+
+        signal.signal(env.requeue_signal, requeue_then_exit)
 
 
 def fsdp2_strategy(devices, num_nodes: int):
@@ -186,6 +214,12 @@ def fsdp2_strategy(devices, num_nodes: int):
     return ModelParallelStrategy(data_parallel_size=per_node * int(num_nodes), tensor_parallel_size=1)
 
 
+def is_resume(ckpt_path: str | None, output_dir: Path) -> bool:
+    """A resumed run: ``--ckpt_path`` given, or a SLURM-requeued job whose ``hpc_ckpt_N.ckpt`` Lightning restores by
+    itself (the same command line, no ``--ckpt_path``). W&B then continues the run id kept in ``output_dir``."""
+    return ckpt_path is not None or any(output_dir.glob("hpc_ckpt_*.ckpt"))
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     if ckpt_path == "last":
         last = output_dir / "checkpoints" / "last.ckpt"
@@ -202,11 +236,12 @@ def run_stage(
     cfg, trainer = cli.config, cli.trainer
     output_dir = Path(cfg.output_dir)
     _remember_wandb_run(trainer, output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir) or _newest_hpc_checkpoint(output_dir)
     start = {}
     if cfg.validate_before_fit and ckpt_path is None:
         start = _scalars(trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False))
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    _retire_hpc_checkpoints(trainer, output_dir)
     train_end = _scalars([trainer.callback_metrics])
     end = _scalars(trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False))
     if trainer.is_global_zero:
@@ -217,12 +252,31 @@ def run_stage(
     return cli
 
 
-def _finish_wandb(trainer: L.Trainer) -> None:
+def _newest_hpc_checkpoint(output_dir: Path) -> str | None:
+    """``output_dir/hpc_ckpt_N.ckpt`` with the largest N (saved by Lightning on a SLURM requeue signal), or None."""
+    found = sorted(output_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
+    return str(found[-1]) if found else None
+
+
+def _retire_hpc_checkpoints(trainer: L.Trainer, output_dir: Path) -> None:
+    """Move consumed ``hpc_ckpt_N.ckpt`` files into ``checkpoints/``: while one sits in ``output_dir`` under SLURM,
+    Lightning's ``validate()`` loads it instead of the weights just trained (and a later requeue would resume
+    from it)."""
+    if trainer.is_global_zero:
+        for path in output_dir.glob("hpc_ckpt_*.ckpt"):
+            (output_dir / "checkpoints").mkdir(exist_ok=True)
+            os.replace(path, output_dir / "checkpoints" / path.name)
+    trainer.strategy.barrier("retire_hpc_checkpoints")
+
+
+def _finish_wandb(trainer: L.Trainer, preempted: bool = False) -> None:
     """Close the W&B run so its files are complete when the stage returns (pipelines run stages in one process)."""
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
+            if preempted:
+                logger.experiment.mark_preempting()
             logger.experiment.finish()
 
 

@@ -141,10 +141,12 @@ def test_preempted_cell_requeues_and_resumes(local_slurm, tmp_path):
     states = local_slurm.wait(job_id, timeout=600)
     text = log.read_text(errors="replace")
     assert states == {f"{job_id}_0": "COMPLETED"}, text[-5000:]
-    assert "Handling auto-requeue signal" in text and list(cell_dir.glob("hpc_ckpt_*.ckpt"))
+    assert "Handling auto-requeue signal" in text and list(cell_dir.glob("checkpoints/hpc_ckpt_*.ckpt"))  # consumed, retired
     assert json.loads((cell_dir / sw.CELL_FILE).read_text())["restarts"] == 1
     resumed = [line for line in text.splitlines() if line.startswith("$ ") and "--ckpt_path=" in line]
     assert len(resumed) == 1, text[-5000:]
+    # the hpc checkpoint is loaded by the resumed fit only, not by the final validation (it must see the trained weights)
+    assert text.count("Restoring states from the checkpoint path") == 1, text[-5000:]
     assert json.loads((cell_dir / "final_metrics.json").read_text())["global_step"] == 24
     print(f"[slurm] {job_id}_0 requeued once and resumed with {resumed[0].split()[-1]}; finished at step 24")
 
