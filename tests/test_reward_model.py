@@ -242,3 +242,33 @@ def test_builtin_worked_pairs_are_bradley_terry_pairs():
     loss, rewards, _ = module._loss(batch)
     ranked, _ = ranked_view(rewards, batch)
     torch.testing.assert_close(loss, bradley_terry_loss(ranked[:, 0], ranked[:, 1], torch.full((4,), 0.5)).mean())
+
+
+def test_default_config_is_smollm2_yaml(capsys):
+    """``python -m lit_rlhf.experiments.rm`` with no arguments runs exactly experiments/rm/smollm2.yaml (the
+    benchmarked default: worked pairs, 50 steps), apart from the output directory."""
+    import yaml
+
+    printed = []
+    for args in ([], ["--config", str(ROOT / "experiments" / "rm" / "smollm2.yaml")]):
+        with pytest.raises(SystemExit):
+            rm_entry.main(args=[*args, "--print_config"])
+        config = yaml.safe_load(capsys.readouterr().out)
+        config.pop("output_dir")
+        printed.append(config)
+    assert printed[0] == printed[1]
+    assert printed[0]["trainer"]["max_steps"] == 50 and printed[0]["model"]["backbone"]["name"] == "smollm2-135m"
+    assert printed[0]["data"]["format"] == "pairs" and printed[0]["data"]["num_val"] >= 64
+
+
+def test_default_task_is_worked_final_and_held_out():
+    """The default pairs are arithmetic_worked_final; validation questions never occur in training."""
+    dm = RewardDataModule(tokenizer="tiny", num_train=300, num_val=64)
+    assert dm.task == "arithmetic_worked_final"
+    assert RewardDataModule(tokenizer="tiny", format="ranked").task == "arithmetic"
+    dm.setup()
+    assert len(dm.train_examples) == 300 and len(dm.val_examples) == 64
+    val_prompts = {e.prompt for e in dm.val_examples}
+    assert not val_prompts & {e.prompt for e in dm.train_examples}
+    chosen, rejected = dm.val_examples[0].responses
+    assert chosen[: chosen.rindex("The answer")] == rejected[: rejected.rindex("The answer")] and chosen != rejected
