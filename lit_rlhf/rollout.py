@@ -16,9 +16,15 @@ How :func:`sample` works (one prefill, then one token per step for all rows):
    ``logits_to_keep=1``; rows that emitted EOS get padding and leave the mask; stop when every row is done or the
    budget is spent (those rows are ``truncated``).
 
+Two hooks make the samples independent of how a batch is split over processes: ``noise`` gives each decode step's
+uniforms (a stage draws them for the global batch and keeps its own rows, :class:`lit_rlhf.distributed.GlobalBatchNoise`)
+and ``all_done`` decides when decoding stops (under FSDP2 every rank must run every forward, so it must agree across
+ranks: :func:`lit_rlhf.distributed.all_ranks_done`). Without them: ``torch.rand`` from ``generator``, and this
+process's own rows.
+
 Temperature 0 is greedy decoding (``sample_logps`` then are the untempered logps). Runs under
-``torch.inference_mode`` (the returned tensors are ordinary copies, usable in training) and in eval mode (dropout
-off), restoring the module's mode afterwards.
+``torch.inference_mode`` (``torch.no_grad`` for an FSDP2-sharded model) (the returned tensors are ordinary copies,
+usable in training) and in eval mode (dropout off), restoring the module's mode afterwards.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_rlhf.distributed import is_sharded
 from lit_rlhf.types import Rollout
 
 
@@ -82,13 +89,14 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def choose_tokens(
-    logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None
+    logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None, uniforms: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens [N], their logps [N] at the sampling temperature before filtering, entropy [N]) from logits [N, V].
 
     One softmax pass: logsumexp is recovered from the most likely token (``lse = logit_max - log p_max``, exact in
     floating point where p_max is largest), entropy = lse - sum(p * logits). Sampling inverts the CDF with one
-    uniform per row (``torch.multinomial`` is ~10x slower on a CPU for a 49k vocabulary).
+    uniform per row (``torch.multinomial`` is ~10x slower on a CPU for a 49k vocabulary): ``uniforms`` [N, 1] when
+    given, else drawn from ``generator``.
     """
     logits = logits.float()
     if settings.temperature > 0 and settings.temperature != 1.0:
@@ -103,7 +111,9 @@ def choose_tokens(
         if settings.top_k > 0 or settings.top_p < 1.0:
             probs = filter_logits(logits, settings.top_k, settings.top_p).softmax(-1)
         cdf = probs.cumsum(-1)
-        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+        if uniforms is None:
+            uniforms = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)
+        u = uniforms.to(cdf) * cdf[:, -1:]
         tokens = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)
     logps = (logits.gather(-1, tokens) - lse).squeeze(-1)
     return tokens.squeeze(-1), logps, entropy
@@ -118,12 +128,20 @@ def sample(
     eos_token_ids: list[int],
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    *,
+    noise: Callable[[], torch.Tensor] | None = None,
+    all_done: Callable[[torch.Tensor], bool] | None = None,
 ) -> Rollout:
-    """Sample one completion per entry of ``prompt_index`` ([N]) for the left-padded prompts [B, P] (module doc)."""
+    """Sample one completion per entry of ``prompt_index`` ([N]) for the left-padded prompts [B, P] (module doc).
+
+    ``noise()``: the uniforms [N, 1] of one decode step (default: ``torch.rand`` from ``generator``);
+    ``all_done(done [N])``: whether decoding may stop (default: every row of this process is done).
+    """
     if settings.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
     n, budget, device = prompt_index.numel(), settings.max_new_tokens, prompt_ids.device
-    with eval_mode(lm), torch.inference_mode():
+    no_grad = torch.no_grad() if is_sharded(lm) else torch.inference_mode()  # FSDP2 reuses its all-gather buffers in training
+    with eval_mode(lm), no_grad:
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
@@ -139,14 +157,15 @@ def sample(
         done = torch.zeros(n, dtype=torch.bool, device=device)
         length = budget
         for t in range(budget):
-            tokens, logps, ent = choose_tokens(logits, settings, generator)
+            uniforms = noise() if noise is not None and settings.temperature > 0 else None
+            tokens, logps, ent = choose_tokens(logits, settings, generator, uniforms)
             live = ~done
             response_ids[:, t] = torch.where(live, tokens, pad_token_id)
             response_mask[:, t] = live
             sample_logps[:, t] = logps * live
             entropy[:, t] = ent * live
             done = done | torch.isin(tokens, eos)
-            if bool(done.all()) or t == budget - 1:
+            if t == budget - 1 or (all_done(done) if all_done is not None else bool(done.all())):
                 length = t + 1
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)

@@ -80,7 +80,8 @@ class RewardModule(L.LightningModule):
             centering_coef: weight of the reward-centering penalty mean(r^2), 0 = off.
             calibration_limit: warn when the held-out mean reward is further than this from 0.
             forward_mode: ``shared_prompt`` runs each prompt once under all its responses (KV cache; decoders without
-                gradient checkpointing or the LM regulariser); ``concatenated`` runs every full row.
+                gradient checkpointing or the LM regulariser, not under FSDP2, whose backward fails when the sharded
+                body runs twice outside the root's forward); ``concatenated`` runs every full row (same rewards).
             optimizer: AdamW settings and learning-rate schedule.
             peak_flops: peak FLOP/s of one device, for MFU (CPU here: ~200e9 fp32; H100: ~989e12 bf16).
             table_rows: held-out records shown in the W&B sample table.
@@ -109,12 +110,14 @@ class RewardModule(L.LightningModule):
         base = self.model.get_base_model() if models.is_lora(self.model) else self.model
         body = sum(p.numel() for p in base.parameters()) - base.get_input_embeddings().weight.numel()
         self._flop_counts = (body, 0)  # (non-embedding parameters, output head): a scalar head costs ~nothing
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (decoder backbones)
-            fully_shard_lm(self.model, self.device_mesh)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2; rewards() runs the body and the head directly
+            direct = [getattr(base, base.base_model_prefix)] + [m for m in (getattr(base, "score", None),) if m is not None]
+            fully_shard_lm(self.model, self.device_mesh, called_directly=direct)
 
     def rewards(self, batch: PromptResponseBatch, with_lm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(rewards [N] of every response row, LM logps of the best responses' tokens or None), one forward."""
         shared = self.hparams.forward_mode == "shared_prompt" and not with_lm and not self.spec.gradient_checkpointing
+        shared = shared and self.device_mesh is None
         if shared and not reward_models.is_encoder(self.model.config):
             args = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, batch.prompt_index)
             return reward_models.shared_prompt_rewards(self.model, *args), None
@@ -168,8 +171,9 @@ class RewardModule(L.LightningModule):
         loss, _, metrics = self._loss(batch)
         # 3. log
         n = int(batch.prompt_ids.shape[0])
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n)
+        sync = self.trainer.world_size > 1  # log the mean over ranks (the global batch's), not rank 0's
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=sync)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n, sync_dist=sync)
         tokens = int(batch.prompt_mask[batch.prompt_index].sum() + batch.response_mask.sum())
         flops = training_flops(*self._flop_counts, tokens, 0, self.spec.lora is None, 0)
         self.log_dict(self.throughput.step(len(batch), tokens, flops), batch_size=n)

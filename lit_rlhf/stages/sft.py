@@ -30,7 +30,7 @@ from torchmetrics import MeanMetric
 from lit_rlhf import models
 from lit_rlhf.callbacks import log_table
 from lit_rlhf.data.tasks import is_correct
-from lit_rlhf.distributed import fully_shard_lm
+from lit_rlhf.distributed import fully_shard_lm, is_sharded
 from lit_rlhf.logprobs import predicting_positions, selective_log_softmax
 from lit_rlhf.metrics import Throughput, model_flop_counts, training_flops
 from lit_rlhf.optim import OptimizerSettings, build_optimizer, trainable_state_dict
@@ -156,12 +156,18 @@ class SFTModule(L.LightningModule):
     def training_step(self, batch: SFTBatch, batch_idx: int) -> torch.Tensor:
         # 1. logps of the response tokens (prompt tokens are masked out by loss_mask)
         logps, hits = self.token_stats(batch)
-        # 2. masked NLL: mean over scored tokens
-        loss = -logps.mean()
-        # 3. log
-        n = len(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log_dict({"train/token_accuracy": hits.float().mean(), "train/perplexity": loss.detach().exp()}, batch_size=n)
+        # 2. masked NLL: mean over the scored tokens of all ranks (DDP/FSDP average the ranks' gradients, hence x W)
+        world = self.trainer.world_size
+        tokens = torch.tensor(float(logps.numel()), device=logps.device)
+        if world > 1:
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        loss = -logps.sum() * world / tokens.clamp(min=1.0)
+        # 3. log global per-token figures (the mean over ranks of the x W scaled ones)
+        n, accuracy, nll = len(batch), hits.float().sum() * world / tokens.clamp(min=1.0), loss.detach()
+        if world > 1:
+            nll, accuracy = (self.trainer.strategy.reduce(x, reduce_op="mean") for x in (nll, accuracy))
+        self.log("train/loss", nll, prog_bar=True, batch_size=n)
+        self.log_dict({"train/token_accuracy": accuracy, "train/perplexity": nll.exp()}, batch_size=n)
         scored = int(batch.loss_mask.sum())
         flops = training_flops(*self._flop_counts, int(batch.attention_mask.sum()), scored, self.spec.lora is None, 0)
         self.log_dict(self.throughput.step(n, int(batch.attention_mask.sum()), flops), batch_size=n)
@@ -216,5 +222,6 @@ def greedy_completions(lm: torch.nn.Module, tokenizer, input_ids: torch.Tensor, 
     out = lm.generate(
         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        synced_gpus=is_sharded(lm),  # FSDP2: every forward is collective, so all ranks decode the same number of steps
     )
     return tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
