@@ -114,10 +114,11 @@ class LoggerSaveConfig(SaveConfigCallback):
 class RLHFCLI(LightningCLI):
     def __init__(
         self, model_class, datamodule_class, stage: str, trainer_defaults: dict[str, Any], args=None, description: str = "",
-        links: dict[str, str] | None = None,
+        links: dict[str, str] | None = None, defaults: dict[str, Any] | None = None,
     ) -> None:
         self.stage = stage
         self.links = DEFAULT_LINKS if links is None else links
+        self.defaults = defaults or {}
         super().__init__(
             model_class,
             datamodule_class,
@@ -140,6 +141,8 @@ class RLHFCLI(LightningCLI):
         parser.add_dataclass_arguments(WandbSettings, "wandb")
         for source, target in self.links.items():
             parser.link_arguments(source, target)
+        if self.defaults:  # the entry point's default experiment (a --config or command line overrides them)
+            parser.set_defaults(self.defaults)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         cfg = self.config
@@ -229,10 +232,16 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
 
 def run_stage(
     model_class, datamodule_class, stage: str, trainer_defaults: dict[str, Any], args=None, description: str = "",
-    links: dict[str, str] | None = None,
+    links: dict[str, str] | None = None, defaults: dict[str, Any] | None = None,
 ) -> RLHFCLI:
-    """Parse the CLI/config, validate (step 0), fit, validate again, and write ``final_metrics.json``."""
-    cli = RLHFCLI(model_class, datamodule_class, stage, trainer_defaults, args=args, description=description, links=links)
+    """Parse the CLI/config, validate (step 0), fit, validate again, and write ``final_metrics.json``.
+
+    ``defaults``: dotted keys (``"data.instruction"``) -> values of the stage's default experiment, over the classes'
+    own defaults (like ``trainer_defaults`` for the Trainer)."""
+    cli = RLHFCLI(
+        model_class, datamodule_class, stage, trainer_defaults, args=args, description=description, links=links,
+        defaults=defaults,
+    )
     cfg, trainer = cli.config, cli.trainer
     output_dir = Path(cfg.output_dir)
     _remember_wandb_run(trainer, output_dir)

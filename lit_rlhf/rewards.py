@@ -107,6 +107,21 @@ def numeric_tolerance(
     return out
 
 
+@register_reward("numeric_closeness")
+def numeric_closeness(prompts: list[str], completions: list[str], answer: list, scale: float = 10.0) -> list[float | None]:
+    """Shaped credit ``exp(-|pred - answer| / scale)`` (1.0 when exact), 0.0 without a number, None when the answer
+    is not numeric; ``pred`` is read as in :func:`numeric_tolerance`. Near misses score above far ones, so a group
+    has reward variance (a learning signal) long before any completion is exactly right."""
+    if scale <= 0:
+        raise ValueError(f"numeric_closeness: scale must be > 0, got {scale}")
+    out: list[float | None] = []
+    for completion, ref in zip(completions, answer):
+        tagged = extract_xml_answer(completion)
+        target, pred = _answer_value(ref), parse_number(tagged if tagged is not None else completion)
+        out.append(None if target is None else 0.0 if pred is None else math.exp(-abs(pred - target) / scale))
+    return out
+
+
 @register_reward("integer_answer")
 def integer_answer(prompts: list[str], completions: list[str]) -> list[float | None]:
     """0.5 if the answer (``<answer>`` content, else the whole stripped completion) is an integer literal, else 0.0."""

@@ -112,6 +112,20 @@ def test_numeric_tolerance():
     assert fn(["p"], ["x"], ["n/a"]) == [None]
 
 
+
+def test_numeric_closeness():
+    fn = REWARD_FUNCTIONS["numeric_closeness"]
+    comps = ["The answer is 68.", "71", "<answer>58</answer> not 68", "no number", "  ", "68"]
+    answers = [68, 68, 68, 68, 68, "n/a"]
+    got = fn(["p"] * 6, comps, answers)
+    assert got[:2] == [1.0, pytest.approx(math.exp(-0.3))]  # exact -> 1; |71 - 68| = 3 -> e^(-3/10)
+    assert got[2] == pytest.approx(math.exp(-1.0))  # the <answer> tag wins over the last number
+    assert got[3:] == [0.0, 0.0, None]  # no number (incl. whitespace only); non-numeric answer
+    assert fn(["p"], ["70"], [68], scale=2.0) == [pytest.approx(math.exp(-1.0))]
+    with pytest.raises(ValueError, match="scale"):
+        fn(["p"], ["70"], [68], scale=0.0)
+
+
 # ---------------------------------------------------------------------------------------------------- format
 @pytest.mark.parametrize(
     "completion, expected",
@@ -207,7 +221,7 @@ def test_answer_in_text(completion, answer, expected):
 def test_registry_names():
     expected = {
         "numeric_correctness", "numeric_tolerance", "integer_answer", "strict_format", "soft_format",
-        "xml_count", "length_penalty", "answer_in_text", "model_reward",
+        "xml_count", "length_penalty", "answer_in_text", "model_reward", "numeric_closeness",
     }  # fmt: skip
     assert expected <= set(REWARD_FUNCTIONS)
 

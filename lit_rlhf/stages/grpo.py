@@ -18,7 +18,10 @@ until the batch holds ``batch_size`` groups with signal, at most ``max_resample_
 reference logps, (5) mu iterations over the batch in minibatches with gradient accumulation, clipping and one
 optimizer step per iteration, (6) log. Each minibatch loss is weighted by its share of the batch's normaliser
 (sequences, or tokens for dapo), summed over all ranks, so any minibatch size and any number of DDP ranks give the
-full-batch loss and gradient. Each rank samples all G completions of its own prompts: a group never spans ranks.
+full-batch loss and gradient. Each rank samples all G completions of its own prompts: a group never spans ranks;
+the sampling noise is drawn for the global batch (:class:`lit_rlhf.distributed.GlobalBatchNoise`), so 1 or W processes
+sample the same completions. FSDP2 (``--trainer.strategy=fsdp2``) shards the policy and the frozen reference; the
+ranks' decode loops run in lockstep, and it needs ``zero_variance_groups=keep`` (equal forwards on every rank).
 
 Validation decodes the held-out prompts greedily and reports ``val/accuracy`` (last number == answer) and rewards.
 
@@ -42,6 +45,7 @@ from lit_rlhf.advantages import group_advantages, rloo_advantages, zero_variance
 from lit_rlhf.callbacks import log_table
 from lit_rlhf.checkpointing import capture_rng, restore_rng
 from lit_rlhf.data.tasks import is_correct
+from lit_rlhf.distributed import GlobalBatchNoise, fully_shard_lm, lockstep_done
 from lit_rlhf.logprobs import TokenLogps, masked_mean, response_logps, token_logps
 from lit_rlhf.losses import GRPO_LOSSES
 from lit_rlhf.metrics import PhaseMeans, Throughput, model_flop_counts, training_flops
@@ -50,9 +54,9 @@ from lit_rlhf.rewards import RewardComposer, RewardResult, RewardSpec
 from lit_rlhf.rollout import ROLLOUT_BACKENDS, SamplingSettings, concat_rollouts, decode, group_index
 from lit_rlhf.types import PromptBatch, Rollout
 
-DEFAULT_REWARDS = (RewardSpec("numeric_correctness", 1.0), RewardSpec("integer_answer", 0.2))
-"""``rewards: null``: correctness (the last number, or the ``<answer>`` tag, equals the answer) + a light format
-reward (a bare integer answer)."""
+DEFAULT_REWARDS = (RewardSpec("numeric_correctness", 1.0), RewardSpec("numeric_closeness", 0.5))
+"""``rewards: null``: correctness (the last number, or the ``<answer>`` tag, equals the answer) + half of the shaped
+closeness ``exp(-|pred - answer| / 10)``, which gives groups reward variance before any answer is exactly right."""
 
 
 class GRPOModule(L.LightningModule):
@@ -84,7 +88,7 @@ class GRPOModule(L.LightningModule):
         Args:
             policy: the model to train (name, dtype, LoRA); the reference is derived from it.
             rewards: reward functions (registry name or import path), weights and bound arguments, summed;
-                ``null``: :data:`DEFAULT_REWARDS` (numeric_correctness 1.0 + integer_answer 0.2).
+                ``null``: :data:`DEFAULT_REWARDS` (numeric_correctness 1.0 + numeric_closeness 0.5).
             num_generations: G, completions sampled per prompt (the group).
             sampling: temperature, top-p, top-k and token budget of the training rollouts (validation is greedy with
                 the same budget). The loss takes logps at this temperature.
@@ -132,14 +136,15 @@ class GRPOModule(L.LightningModule):
         self._train_rows: list[list] = []
         self._val_rows: list[list] = []
         self._generator: torch.Generator | None = None
+        self._sampling_state: torch.Tensor | None = None
         self._refill = None
 
     # -- networks -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        if self.device_mesh is not None:
-            raise NotImplementedError("GRPO runs data-parallel (DDP); FSDP2 would need the ranks' decode loops in lockstep")
+        if self.device_mesh is not None and self.hparams.zero_variance_groups != "keep":  # ranks would differ in forwards
+            raise ValueError("under FSDP2 (every forward is collective) GRPO needs zero_variance_groups=keep")
         self.policy = models.load_causal_lm(self.spec)
         self.tokenizer = models.load_tokenizer(self.spec.name, self.spec.revision)
         eos = getattr(getattr(self.policy, "generation_config", None), "eos_token_id", None)  # e.g. Qwen: two ids
@@ -148,6 +153,10 @@ class GRPOModule(L.LightningModule):
         if self.spec.lora is None and self.hparams.beta > 0:
             self.frozen_reference = models.frozen_copy(self.policy)
         self._flop_counts = model_flop_counts(self.policy)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (sampling keeps the ranks in lockstep)
+            for net in (self.policy, self.frozen_reference):
+                if net is not None:
+                    fully_shard_lm(net, self.device_mesh)
 
     def logps(self, lm: torch.nn.Module, rollout: Rollout, with_entropy: bool = False) -> TokenLogps:
         """Token logps [n, R] of the completions at the sampling temperature (prompt once, completions on its cache)."""
@@ -167,8 +176,10 @@ class GRPOModule(L.LightningModule):
 
     # -- training -------------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        if self._generator is None:  # sampling noise: its own stream per rank, restored on resume
-            self._generator = torch.Generator(device=self.device).manual_seed(int(torch.initial_seed()) + self.global_rank)
+        if self._generator is None:  # sampling noise: one stream for the global batch (same on every rank), restored on resume
+            self._generator = torch.Generator(device=self.device).manual_seed(int(torch.initial_seed()))
+            if self._sampling_state is not None:  # resumed: on the training device (set in on_load_checkpoint)
+                self._generator.set_state(self._sampling_state)
         self.throughput.start()
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -200,7 +211,8 @@ class GRPOModule(L.LightningModule):
         index = group_index(batch.input_ids.shape[0], group_size, self.device)
         rollout = self.rollout_fn(
             self.policy, batch.input_ids, batch.attention_mask, index, settings or self.sampling, self.eos_token_ids,
-            self.tokenizer.pad_token_id, self._generator,
+            self.tokenizer.pad_token_id, self._generator, all_done=lockstep_done(self.policy),
+            noise=GlobalBatchNoise(self._generator, batch.input_ids.shape[0], group_size) if self._generator is not None else None,
         )
         rollout.prompts, rollout.completions = list(batch.prompts), decode(self.tokenizer, rollout)
         return rollout
@@ -354,13 +366,13 @@ class GRPOModule(L.LightningModule):
         checkpoint["rng"] = capture_rng()
         if self._generator is not None:
             checkpoint["sampling_rng"] = self._generator.get_state()
+        checkpoint["train_table_rows"] = list(self._train_rows)  # each table version holds every row so far
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.strict_loading = False
         restore_rng(checkpoint.get("rng"))
-        if "sampling_rng" in checkpoint:
-            self._generator = torch.Generator(device=self.device)
-            self._generator.set_state(checkpoint["sampling_rng"])
+        self._generator, self._sampling_state = None, checkpoint.get("sampling_rng")
+        self._train_rows = [list(row) for row in checkpoint.get("train_table_rows", [])]
 
     def export(self, out_dir: Path) -> dict[str, str]:
         return models.export_pretrained(self.policy, self.tokenizer, out_dir, self.spec, self.trainer.is_global_zero)
