@@ -161,7 +161,7 @@ def test_scoring_texts_render_an_assistant_turn():
 
 def test_a_reward_is_required_and_missing_reward_model_is_explained(tmp_path):
     with pytest.raises(ValueError, match="needs a reward"):
-        PPOModule(reward_model=None, rewards=None)
+        PPOModule(reward_model=None, rewards=[])
     with pytest.raises(FileNotFoundError, match="train_args"):
         value_models.train_missing_reward_model(RewardModelSettings(path=str(tmp_path / "nope" / "export" / "merged")))
     with pytest.raises(ValueError, match="export/merged"):

@@ -18,10 +18,16 @@ functions from :mod:`lit_rlhf.rewards`; frozen). One training step is one PPO it
    the sampling policy exceeds ``target_kl``;
 5. KL coefficient update (:mod:`lit_rlhf.kl_control`: fixed, or adaptive towards a target KL, Ziegler et al. §2.2).
 
+Several processes (DDP, or FSDP2 sharding policy, reference and a separate critic; the reward model is replicated)
+give the single-process update at the same global batch when a rank's minibatch is its whole batch: sampling noise
+is drawn for the global batch, scores are normalised and advantages whitened over all ranks, losses are token means
+over all ranks' minibatch tokens, and the KL controller sees the global KL. (With smaller minibatches each rank
+shuffles its own rows, so the global minibatches differ from one process's.)
+
 Deliberate simplifications: logps are recomputed after sampling (one extra forward, so the first ratio is exactly
 1); a step counts as one ``global_step`` however many optimizer steps it makes (``max_steps`` = PPO iterations).
 
-    python -m lit_rlhf.experiments.ppo                                   # SmolLM2-135M + LoRA, RM reward, CPU
+    python -m lit_rlhf.experiments.ppo                                   # SmolLM2-135M + LoRA, rule reward, CPU
     python -m lit_rlhf.experiments.ppo --config experiments/ppo/tiny.yaml --output_dir runs/ppo-tiny
     sbatch slurm/train.sbatch ppo --config experiments/ppo/qwen2.5-0.5b-imdb.yaml
 """
@@ -34,6 +40,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from lit_rlhf import models, value_models
@@ -42,6 +49,7 @@ from lit_rlhf.callbacks import log_table
 from lit_rlhf.experience import (Experience, LogitsRecorder, RunningMoments, ScoreNorm, apply_missing_eos_penalty,
                                  dense_rewards, explained_variance, minibatches, normalize_scores, sequence_sums,
                                  update_moments)
+from lit_rlhf.distributed import GlobalBatchNoise, fully_shard_lm, fully_shard_root, global_masked_whiten, lockstep_done
 from lit_rlhf.kl_control import KLSettings, build_kl_controller
 from lit_rlhf.logprobs import masked_mean, response_logps
 from lit_rlhf.losses import ppo_policy_loss, ppo_value_loss
@@ -53,14 +61,19 @@ from lit_rlhf.types import PromptBatch, Rollout
 from lit_rlhf.value_models import CriticSettings, RewardModelSettings
 
 
+DEFAULT_REWARDS = (RewardSpec("numeric_correctness", 1.0), RewardSpec("lit_rlhf.data.tasks:answer_closeness", 0.5))
+"""``reward_model: null, rewards: null`` (the default): 1 when the completion's last number is the answer, plus 0.5 x
+``exp(-|last number - answer| / 10)`` (partial credit for a close answer, so the score moves before answers are right)."""
+
+
 class PPOModule(L.LightningModule):
     def __init__(
         self,
         policy: models.ModelSpec = models.ModelSpec(),
-        critic: CriticSettings = CriticSettings(),
-        reward_model: RewardModelSettings | None = RewardModelSettings(train_args=[]),
+        critic: CriticSettings = CriticSettings(init="shared_base"),
+        reward_model: RewardModelSettings | None = None,
         rewards: list[RewardSpec] | None = None,
-        sampling: SamplingSettings = SamplingSettings(max_new_tokens=32, temperature=0.7),
+        sampling: SamplingSettings = SamplingSettings(max_new_tokens=24, temperature=0.7),
         samples_per_prompt: int = 1,
         ppo_epochs: int = 2,
         minibatch_size: int = 4,
@@ -71,13 +84,13 @@ class PPOModule(L.LightningModule):
         lam: float = 0.95,
         kl: KLSettings = KLSettings(),
         score_clip: float | None = 5.0,
-        missing_eos_penalty: float | None = None,
+        missing_eos_penalty: float | None = 0.25,
         score_norm: ScoreNorm = "none",
         whiten_advantages: bool = True,
         target_kl: float | None = None,
         max_grad_norm: float | None = 1.0,
         optimizer: OptimizerSettings = OptimizerSettings(lr=1e-4),
-        critic_optimizer: OptimizerSettings = OptimizerSettings(lr=1e-4),
+        critic_optimizer: OptimizerSettings = OptimizerSettings(lr=3e-4),
         rollout_backend: str = "kv_cache",
         peak_flops: float = 200e9,
         table_rows: int = 8,
@@ -88,7 +101,8 @@ class PPOModule(L.LightningModule):
             policy: the actor (name, dtype, LoRA); the reference is derived from it.
             critic: the value model: ``reward_model``, ``policy`` or ``shared_base`` init, its LoRA.
             reward_model: an exported sequence-classification reward model scoring each completion; null: none.
-            rewards: reward functions by registry name or import path, with weights and kwargs, added to the score.
+            rewards: reward functions by registry name or import path, with weights and kwargs, added to the score;
+                null: :data:`DEFAULT_REWARDS` when there is no reward model, none otherwise.
             sampling: rollout settings (token budget, temperature, top-k/top-p).
             samples_per_prompt: completions sampled per prompt.
             ppo_epochs: passes over each rollout batch.
@@ -115,6 +129,8 @@ class PPOModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        if reward_model is None and rewards is None:
+            rewards = list(DEFAULT_REWARDS)
         if reward_model is None and not rewards:
             raise ValueError("PPO needs a reward: set model.reward_model and/or model.rewards")
         if rollout_backend not in ROLLOUT_BACKENDS:
@@ -150,6 +166,16 @@ class PPOModule(L.LightningModule):
         self.eos_token_ids = value_models.eos_token_ids(self.tokenizer, self.policy)
         self.suffix = value_models.turn_suffix(self.tokenizer) if rm is not None and rm.chat_template else ""
         self._flop_counts = model_flop_counts(self.policy)
+        if self._trainer is not None and isinstance(self.trainer.strategy, DDPStrategy):  # actor and critic steps each
+            self.trainer.strategy._ddp_kwargs["find_unused_parameters"] = True  # leave the other's parameters unused
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 on policy, reference, critic (reward model: replicated)
+            if not isinstance(self.critic, value_models.ValueModel):
+                raise ValueError("under FSDP2 the critic must be a separate model (critic.init = policy or reward_model)")
+            for net in (self.policy, self.frozen_reference):
+                if net is not None:
+                    fully_shard_lm(net, self.device_mesh)
+            fully_shard_lm(self.critic.decoder, self.device_mesh)
+            fully_shard_root(self.critic, self.device_mesh)  # the value head
 
     @property
     def temperature(self) -> float:
@@ -164,7 +190,8 @@ class PPOModule(L.LightningModule):
         index = group_index(batch.input_ids.shape[0], self.hparams.samples_per_prompt, self.device)
         sample = ROLLOUT_BACKENDS[self.hparams.rollout_backend]
         rollout = sample(self.policy, batch.input_ids, batch.attention_mask, index, self.sampling,
-                         self.eos_token_ids, self.tokenizer.pad_token_id, generator)
+                         self.eos_token_ids, self.tokenizer.pad_token_id, generator, all_done=lockstep_done(self.policy),
+                         noise=GlobalBatchNoise(generator, batch.input_ids.shape[0], self.hparams.samples_per_prompt))
         rollout.prompts, rollout.completions = list(batch.prompts), decode(self.tokenizer, rollout)
         return rollout
 
@@ -184,6 +211,16 @@ class PPOModule(L.LightningModule):
             stats.update({k: v for k, v in result.stats().items() if k.count("/") == 2})
         return scores.to(self.device), stats
 
+    def normalize(self, scores: torch.Tensor) -> torch.Tensor:
+        """``score_norm`` over the scores of all ranks (gathered; equal rollouts per rank); this rank's part."""
+        mode, world = self.hparams.score_norm, self.trainer.world_size
+        if mode == "none":
+            return scores
+        everyone = self.all_gather(scores).reshape(-1) if world > 1 else scores  # [W n], rank-major
+        if mode == "running":
+            self.moments = update_moments(self.moments, everyone)
+        return normalize_scores(everyone, mode, self.moments).reshape(world, -1)[self.global_rank]
+
     # -- 3. experience --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def make_experience(self, rollout: Rollout, scores: torch.Tensor) -> Experience:
@@ -195,7 +232,7 @@ class PPOModule(L.LightningModule):
         rewards, kl = dense_rewards(scores, old_logps, ref_logps, mask, self.kl_ctl.value, self.kl_settings.estimator, hp.score_clip)
         advantages, returns = gae(rewards, values, mask, hp.gamma, hp.lam)
         if hp.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            advantages = whiten(advantages, mask) if self.trainer.world_size == 1 else global_masked_whiten(advantages, mask)
         return Experience(rollout, old_logps, ref_logps, values, scores, kl, rewards, advantages, returns)
 
     # -- 4. update ------------------------------------------------------------------------------------------------
@@ -225,9 +262,12 @@ class PPOModule(L.LightningModule):
                 mb = exp.select(rows.to(self.device))
                 mask = mb.mask
                 # actor: clipped surrogate - entropy bonus; stop early once too far from the sampling policy
+                share = self.token_share(mask)  # token means over the minibatches of all ranks (1 with one process)
                 logps, entropy = self.policy_logps(mb.rollout)
                 policy_loss, metrics = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mask, clip_range=hp.clip_range)
-                if hp.target_kl is not None and float(metrics["policy/approxkl"]) > hp.target_kl:
+                policy_loss, metrics = policy_loss * share, {k: v * share for k, v in metrics.items()}
+                entropy = None if entropy is None else entropy * share
+                if hp.target_kl is not None and self.rank_mean(metrics["policy/approxkl"]) > hp.target_kl:
                     stopped = True
                     break
                 loss = policy_loss if entropy is None else policy_loss - hp.entropy_coef * entropy
@@ -235,6 +275,7 @@ class PPOModule(L.LightningModule):
                 # critic: clipped value loss against the GAE returns
                 values = self.critic(*self.rows(mb.rollout))
                 value_loss, value_metrics = ppo_value_loss(values, mb.values, mb.returns, mask, clip_range_value=hp.clip_range_value)
+                value_loss, value_metrics = value_loss * share, {k: v * share for k, v in value_metrics.items()}
                 self.optimizer_step(critic_opt, value_loss)
                 metrics.update(value_metrics, **{"loss/policy": policy_loss.detach(), "loss/value": value_loss.detach()})
                 for k, v in metrics.items():
@@ -243,6 +284,21 @@ class PPOModule(L.LightningModule):
                 break
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         return {**out, "ppo/updates": float(len(stats["loss/policy"])), "ppo/early_stopped": float(stopped)}
+
+    def token_share(self, mask: torch.Tensor) -> torch.Tensor | float:
+        """W x this rank's share of the minibatch tokens of all ranks: a rank's token-mean loss times it, averaged
+        over ranks (as DDP/FSDP2 average gradients), is the token mean over the global minibatch."""
+        world = self.trainer.world_size
+        if world == 1:
+            return 1.0
+        tokens = mask.sum().float()
+        return tokens * world / self.trainer.strategy.reduce(tokens.clone(), reduce_op="sum").clamp(min=1.0)
+
+    def rank_mean(self, value: torch.Tensor | float) -> float:
+        """The mean of ``value`` over ranks (every rank gets the same number, e.g. for early stopping)."""
+        if self.trainer.world_size == 1:
+            return float(value)
+        return float(self.trainer.strategy.reduce(torch.as_tensor(value, dtype=torch.float32, device=self.device).clone(), reduce_op="mean"))
 
     # -- the iteration --------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -259,9 +315,7 @@ class PPOModule(L.LightningModule):
         # 2. score them (reward model + reward functions), penalise missing EOS, normalise
         raw = self.score(rollout, batch)
         scores = apply_missing_eos_penalty(raw[0], rollout.truncated, hp.missing_eos_penalty)
-        if hp.score_norm == "running":
-            self.moments = update_moments(self.moments, scores)
-        scores = normalize_scores(scores, hp.score_norm, self.moments)
+        scores = self.normalize(scores)
         # 3. experience: old/ref logps, values; dense rewards (-beta KL per token, score on the last); GAE
         exp = self.make_experience(rollout, scores)
         clock.append(time.perf_counter())
@@ -270,8 +324,8 @@ class PPOModule(L.LightningModule):
         clock.append(time.perf_counter())
         # 5. KL coefficient update from this batch's mean sequence KL
         kl_coef = self.kl_ctl.value
-        kl = float(sequence_sums(exp.kl, exp.mask).mean())
-        self.kl_ctl.update(kl, len(exp.scores))
+        kl = self.rank_mean(sequence_sums(exp.kl, exp.mask).mean())  # equal rollouts per rank: the global mean
+        self.kl_ctl.update(kl, len(exp.scores) * self.trainer.world_size)  # the global batch's rollouts
         # 6. one global step per iteration; LR schedules; log
         self.count_iteration()
         for scheduler in self.lr_schedulers():
@@ -300,8 +354,9 @@ class PPOModule(L.LightningModule):
         if r.entropy is not None:
             metrics["objective/entropy"] = masked_mean(r.entropy, mask)
         score_mean = metrics.pop("score/mean")
-        self.log("train/score/mean", float(score_mean), prog_bar=True, batch_size=len(exp.scores))
-        self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, batch_size=len(exp.scores))
+        sync = self.trainer.world_size > 1  # train/* are the mean over ranks
+        self.log("train/score/mean", float(score_mean), prog_bar=True, batch_size=len(exp.scores), sync_dist=sync)
+        self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, batch_size=len(exp.scores), sync_dist=sync)
         tokens = int(r.prompt_mask[r.prompt_index].sum() + mask.sum())
         scored = int(mask.sum())
         forward = training_flops(*self._flop_counts, tokens, scored, False, 0) / 2
