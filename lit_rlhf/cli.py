@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -290,26 +289,11 @@ def _finish_wandb(trainer: L.Trainer, preempted: bool = False) -> None:
             logger.experiment.finish()
 
 
-def _remember_wandb_run(trainer: L.Trainer, output_dir: Path, wait_s: float = 120.0) -> None:
-    """Start the W&B run and keep its id in ``output_dir/wandb_run_id`` (a resumed run continues it).
-
-    A process killed moments ago (SIGKILL, preemption) can leave W&B's service process alive for a while, still
-    holding the run id: W&B then refuses the resumed run with "run ID ... is in use" until it exits. Wait for it."""
+def _remember_wandb_run(trainer: L.Trainer, output_dir: Path) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
-    if not (isinstance(trainer.logger, WandbLogger) and trainer.is_global_zero):
-        return
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            run = trainer.logger.experiment
-            break
-        except Exception as e:  # noqa: BLE001 - only W&B's "in use" refusal is retried
-            if "is in use" not in str(e) or time.monotonic() > deadline:
-                raise
-            print(f"[lit_rlhf] W&B: {e}; waiting for the previous process's W&B service to exit", flush=True)
-            time.sleep(3.0)
-    (output_dir / "wandb_run_id").write_text(run.id)
+    if isinstance(trainer.logger, WandbLogger) and trainer.is_global_zero:
+        (output_dir / "wandb_run_id").write_text(trainer.logger.experiment.id)
 
 
 def _scalars(results: list[dict]) -> dict[str, float]:

@@ -97,33 +97,3 @@ def test_grpo_killed_and_resumed_matches_uninterrupted(tmp_path):
     # the sample table: the resumed run's last version holds all 4 steps' rows, identical to the uninterrupted run's
     resumed_rows, full_rows = _latest_samples_table(killed), _latest_samples_table(tmp_path / "full")
     assert len(full_rows) == 16 and resumed_rows == full_rows  # 4 rows per GRPO step
-
-
-def test_resumed_wandb_run_waits_while_the_killed_process_still_holds_its_id(tmp_path, monkeypatch):
-    """W&B refuses a resumed run with "run ID ... is in use" while the killed process's service is still alive: the
-    stage retries until it is accepted (and re-raises other errors, and "in use" after the wait)."""
-    from types import SimpleNamespace
-
-    from lightning.pytorch.loggers import WandbLogger
-
-    from lit_rlhf import cli
-
-    class Refusing(WandbLogger):
-        def __init__(self, refusals: int, error: str = "run ID abc123 is in use"):
-            self.refusals, self.error, self.calls = refusals, error, 0
-
-        @property
-        def experiment(self):
-            self.calls += 1
-            if self.calls <= self.refusals:
-                raise RuntimeError(self.error)
-            return SimpleNamespace(id="abc123")
-
-    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
-    logger = Refusing(2)
-    cli._remember_wandb_run(SimpleNamespace(logger=logger, is_global_zero=True), tmp_path)
-    assert logger.calls == 3 and (tmp_path / "wandb_run_id").read_text() == "abc123"
-    with pytest.raises(RuntimeError, match="permission"):
-        cli._remember_wandb_run(SimpleNamespace(logger=Refusing(1, "permission denied"), is_global_zero=True), tmp_path)
-    with pytest.raises(RuntimeError, match="in use"):
-        cli._remember_wandb_run(SimpleNamespace(logger=Refusing(10**6), is_global_zero=True), tmp_path, wait_s=0.0)
