@@ -4,12 +4,17 @@ Convention (see :mod:`lit_rlhf.types`): ``logps[b, t] = log p(input_ids[b, t] | 
 ``input_ids``; only positions with ``loss_mask[b, t] = 1`` are computed, every other entry is 0.
 
 Speed and memory: a preference or RL batch scores a few response tokens after a long prompt, so logits are computed
-only at the positions that predict scored tokens (``logits_to_keep`` as a bool mask), never over the full sequence; the full-vocabulary log-softmax is never materialised (``gather - logsumexp``).
+only at the positions that predict scored tokens (``logits_to_keep`` as a bool mask), never over the full sequence; the
+full-vocabulary log-softmax is never materialised (``gather - logsumexp``). Where the model allows it (a plain linear
+output head, not sharded, no logit soft-capping) the head itself runs outside the model, fused with the log-softmax
+(:func:`head_logps`): one [N, V] buffer per call, updated in place in backward, instead of autograd's half a dozen.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +47,83 @@ def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor, chunk_row
     return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
 
 
+class _HeadLogps(torch.autograd.Function):
+    """logps[i] = log_softmax(hidden[i] @ weight.T / temperature)[targets[i]], and optionally the entropy [N].
+
+    Forward keeps one float32 [N, V] buffer (the max-shifted, tempered logits). Backward turns it in place into the
+    gradient w.r.t. the logits, ``g (onehot(target) - softmax) / temperature``, then runs the two matmuls (the weight
+    gradient only when the head trains). So it can run backward once (``once_differentiable``; no ``retain_graph``).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, with_entropy: bool):
+        shifted = (hidden @ weight.to(hidden.dtype).t()).float()
+        if temperature != 1.0:
+            shifted.div_(temperature)
+        shifted.sub_(shifted.amax(-1, keepdim=True))
+        exp = shifted.exp()
+        total = exp.sum(-1, keepdim=True)
+        lse = total.log()  # of the shifted logits
+        logps = shifted.gather(-1, targets[:, None]).sub_(lse).squeeze(-1)
+        entropy = (lse.squeeze(-1) - torch.linalg.vecdot(exp, shifted) / total.squeeze(-1)) if with_entropy else logps.new_zeros(0)
+        del exp
+        ctx.save_for_backward(hidden, weight, targets, shifted, lse)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logps, grad_entropy):
+        hidden, weight, targets, grad, lse = ctx.saved_tensors
+        g = grad_logps.float()[:, None]
+        grad.sub_(lse).exp_().mul_(-g)  # -g * softmax
+        grad.scatter_add_(-1, targets[:, None], g)  # + g at the target
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        grad_hidden = (grad.to(weight.dtype) @ weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad.t().to(hidden.dtype) @ hidden).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None
+
+
+def head_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logps [N], entropy [N] or None) of ``targets`` [N] under the head ``weight`` [V, H] applied to ``hidden`` [N, H]
+    at ``temperature``: the output head fused with the log-softmax (gradients reach ``hidden`` and ``weight``)."""
+    if hidden.shape[0] == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if with_entropy else None)
+    logps, entropy = _HeadLogps.apply(hidden, weight, targets, temperature, with_entropy)
+    return logps, (entropy if with_entropy else None)
+
+
+@contextlib.contextmanager
+def head_outside(lm: torch.nn.Module) -> Iterator[torch.nn.Linear | None]:
+    """Inside: ``lm(...).logits`` are the final hidden states (the output head swapped for an identity) and the head is
+    yielded, to be applied with :func:`head_logps`. Yields None, the model untouched, where that would change the
+    result or cannot work: no ``get_output_embeddings`` (a wrapper), a head that is not a bias-free ``nn.Linear``
+    (a LoRA-adapted head), a sharded (FSDP2) head, or a model that transforms its logits (soft-capping)."""
+    from lit_rlhf.distributed import is_sharded
+
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    config = getattr(base, "config", None)
+    usable = (
+        type(head) is torch.nn.Linear and head.bias is None and not is_sharded(lm) and hasattr(base, "set_output_embeddings")
+        and getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
+    )
+    if not usable:
+        yield None
+        return
+    base.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        base.set_output_embeddings(head)
+
+
 @torch.no_grad()
 def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
     """Entropy of softmax(logits) over the last dim: [N, V] -> [N]; a metric, so computed without grad."""
@@ -70,14 +152,23 @@ def token_logps(
     keep = predicting_positions(loss_mask)
     scored = loss_mask.bool()
     kwargs = {"position_ids": position_ids} if position_ids is not None else {}
-    logits = lm(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False, **kwargs).logits
-    if logits.dim() == 3:  # a model without bool logits_to_keep support returned [B, T, V]
-        logits = logits[keep]
+    with head_outside(lm) as head:
+        out = lm(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False, **kwargs).logits
+    if out.dim() == 3:  # a model without bool logits_to_keep support returned every position
+        out = out[keep]
+    logps, entropy = _score(out, head, input_ids[scored], temperature, with_entropy)
+    return TokenLogps(logps=_scatter(scored, logps), entropy=None if entropy is None else _scatter(scored, entropy))
+
+
+def _score(
+    out: torch.Tensor, head: torch.nn.Linear | None, targets: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logps [N], entropy [N] or None) from ``out`` [N, *]: hidden states when ``head`` is given (fused head), else logits."""
+    if head is not None:
+        return head_logps(out, head.weight, targets, temperature, with_entropy)
     if temperature != 1.0:
-        logits = logits / temperature
-    logps = _scatter(scored, selective_log_softmax(logits, input_ids[scored]))
-    entropy = _scatter(scored, entropy_from_logits(logits)) if with_entropy else None
-    return TokenLogps(logps=logps, entropy=entropy)
+        out = out / temperature
+    return selective_log_softmax(out, targets), (entropy_from_logits(out) if with_entropy else None)
 
 
 def response_logps(
@@ -99,31 +190,29 @@ def response_logps(
     at (B P + N R) instead of N (P + R) tokens: ~1.7x fewer for DPO pairs with a long shared prompt.
     """
     prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    first = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True, logits_to_keep=1)
-    cache = first.past_key_values
-    cache.batch_select_indices(prompt_index)
-    first_logits = first.logits[prompt_index, -1]  # [N, V]
-    attention_mask = torch.cat([prompt_mask[prompt_index], response_mask.to(prompt_mask.dtype)], dim=1)
-    positions = prompt_mask.sum(-1)[prompt_index, None] + torch.arange(response_ids.shape[1], device=response_ids.device)
     scored = response_mask.bool()
     keep = F.pad(scored[:, 1:], (0, 1))  # response position j predicts token j + 1
-    logits = first_logits.new_zeros(0, first_logits.shape[-1])
-    if keep.any():
-        logits = lm(
-            input_ids=response_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-            use_cache=True, logits_to_keep=keep,
-        ).logits
-        if logits.dim() == 3:  # a model without bool logits_to_keep support
-            logits = logits[keep]
-    if temperature != 1.0:
-        first_logits, logits = first_logits / temperature, logits / temperature
-    head = selective_log_softmax(first_logits, response_ids[:, 0]) * scored[:, 0]
-    tail = selective_log_softmax(logits, response_ids[:, 1:][scored[:, 1:]])
-    logps = torch.cat([head[:, None], _scatter(scored[:, 1:], tail)], dim=1)
+    with head_outside(lm) as head:  # with a fused head, "logits" below are hidden states
+        first = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True, logits_to_keep=1)
+        cache = first.past_key_values
+        cache.batch_select_indices(prompt_index)
+        first_out = first.logits[prompt_index, -1]  # [N, V] (or [N, H])
+        attention_mask = torch.cat([prompt_mask[prompt_index], response_mask.to(prompt_mask.dtype)], dim=1)
+        positions = prompt_mask.sum(-1)[prompt_index, None] + torch.arange(response_ids.shape[1], device=response_ids.device)
+        rest = first_out.new_zeros(0, first_out.shape[-1])
+        if keep.any():
+            rest = lm(
+                input_ids=response_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=keep,
+            ).logits
+            if rest.dim() == 3:  # a model without bool logits_to_keep support
+                rest = rest[keep]
+    first_logps, first_entropy = _score(first_out, head, response_ids[:, 0], temperature, with_entropy)
+    rest_logps, rest_entropy = _score(rest, head, response_ids[:, 1:][scored[:, 1:]], temperature, with_entropy)
+    logps = torch.cat([(first_logps * scored[:, 0])[:, None], _scatter(scored[:, 1:], rest_logps)], dim=1)
     entropy = None
     if with_entropy:
-        head = entropy_from_logits(first_logits) * scored[:, 0]
-        entropy = torch.cat([head[:, None], _scatter(scored[:, 1:], entropy_from_logits(logits))], dim=1)
+        entropy = torch.cat([(first_entropy * scored[:, 0])[:, None], _scatter(scored[:, 1:], rest_entropy)], dim=1)
     return TokenLogps(logps=logps, entropy=entropy)
 
 

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from lit_rlhf import models
 from lit_rlhf.data.collate import pad_left, pad_right
-from lit_rlhf.logprobs import masked_mean, masked_whiten, response_logps, selective_log_softmax, sequence_logps, token_logps
+from lit_rlhf.logprobs import (head_logps, head_outside, masked_mean, masked_whiten, response_logps, selective_log_softmax,
+                               sequence_logps, token_logps)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,77 @@ def test_response_logps_equals_concatenated_forward(tiny):
         torch.testing.assert_close(shared.logps[n, : len(resp)], full, atol=1e-5, rtol=1e-5)
         assert (shared.logps[n, len(resp) :] == 0).all()
     assert (shared.entropy[r_mask.bool()] > 0).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_head_logps_entropy_and_gradients_match_autograd(temperature):
+    """head_logps == log_softmax(h W^T / T)[target], entropy likewise, and its hand-written backward gives autograd's
+    gradients for the hidden states and the head weight."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(9, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
+    targets, g = torch.randint(0, 40, (9,)), torch.randn(9)
+    logps, entropy = head_logps(hidden, weight, targets, temperature, with_entropy=True)
+    (logps * g).sum().backward()
+    fused_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    full = F.log_softmax(hidden @ weight.t() / temperature, -1)
+    expected = full.gather(-1, targets[:, None]).squeeze(-1)
+    (expected * g).sum().backward()
+    torch.testing.assert_close(logps, expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_grads[0], hidden.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_grads[1], weight.grad, atol=1e-5, rtol=1e-5)
+    assert head_logps(hidden[:0], weight, targets[:0])[0].shape == (0,)
+
+
+def test_fused_head_refuses_a_second_backward():
+    """Backward reuses its saved logits buffer in place: a second backward (retain_graph) must fail, not be wrong."""
+    hidden, weight = torch.randn(3, 8, requires_grad=True), torch.randn(20, 8)
+    logps, _ = head_logps(hidden, weight, torch.tensor([1, 2, 3]))
+    logps.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logps.sum().backward()
+
+
+class _Wrapped(torch.nn.Module):
+    """The same network without ``get_output_embeddings``: logps go through the model's own head (unfused path)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, **kwargs):
+        return self.lm(**kwargs)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fused_head_path_equals_the_model_head_in_values_and_gradients(lora):
+    """response_logps with the head fused (the default for a plain HF model) == through the model's own lm_head: logps,
+    entropy and every trainable parameter's gradient (the tied embedding of a full fine-tune included)."""
+    spec = models.ModelSpec(name="tiny", lora=models.LoRASettings(r=4, alpha=8) if lora else None)
+    lm = models.load_causal_lm(spec)
+    head = lm.get_output_embeddings()
+    with head_outside(lm) as fused:
+        assert fused is head and not isinstance(lm.get_output_embeddings(), torch.nn.Linear)
+    assert lm.get_output_embeddings() is head
+    with head_outside(_Wrapped(lm)) as fused:
+        assert fused is None
+    p_ids, p_mask = pad_left([[5, 6, 7, 8], [9, 10]], 0), pad_left([[1] * 4, [1] * 2], 0)
+    r_ids, r_mask = pad_right([[20, 21, 22], [23, 24], [25], [26, 27, 28]], 0), pad_right([[1] * 3, [1] * 2, [1], [1] * 3], 0)
+    index = torch.tensor([0, 0, 1, 1])
+    weights = torch.randn(r_ids.shape)
+    results = []
+    for net in (lm, _Wrapped(lm)):
+        lm.zero_grad(set_to_none=True)
+        out = response_logps(net, p_ids, p_mask, r_ids, r_mask, index, temperature=0.8, with_entropy=True)
+        (out.logps * weights).sum().backward()
+        results.append((out, {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad}))
+    (fused_out, fused_grads), (plain_out, plain_grads) = results
+    torch.testing.assert_close(fused_out.logps, plain_out.logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_out.entropy, plain_out.entropy, atol=1e-5, rtol=1e-5)
+    assert fused_grads.keys() == plain_grads.keys() and len(fused_grads) > 0
+    for name in fused_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_sequence_and_masked_stats():
