@@ -56,6 +56,37 @@ def test_lora_reference_is_the_adapter_disabled_policy():
     assert models.trainable_parameters(policy) < sum(p.numel() for p in policy.parameters()) / 10
 
 
+def test_merged_lora_equals_the_adapter_and_restores_the_base_weights_bit_for_bit():
+    """Sampling runs LoRA folded into the weights: same logits as the adapter path; afterwards the base weights are
+    the very same tensors, the adapter is active again and gradients still reach it."""
+    spec = models.ModelSpec(name="tiny", lora=models.LoRASettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    policy = models.load_causal_lm(spec)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    ids = torch.randint(0, 1000, (2, 8))
+    with torch.no_grad():
+        adapted = policy(input_ids=ids).logits
+        with models.merged_lora(policy) as merged:
+            merged_logits = merged(input_ids=ids).logits
+            q = merged.base_model.model.model.layers[0].self_attn.q_proj
+            assert not torch.equal(q.base_layer.weight, before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+        with models.reference_policy(policy, None) as ref:
+            base_logits = ref(input_ids=ids).logits
+    torch.testing.assert_close(merged_logits, adapted, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(adapted, base_logits, atol=1e-3)
+    after = dict(policy.named_parameters())
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+    assert all(after[n].requires_grad == ("lora_" in n) for n in after)
+    policy(input_ids=ids).logits.sum().backward()
+    assert all(p.grad is not None for n, p in policy.named_parameters() if "lora_" in n)
+    plain = models.load_causal_lm(models.ModelSpec(name="tiny", lora=None))
+    with models.merged_lora(plain) as same:
+        assert same is plain
+
+
 def test_full_finetune_reference_is_a_frozen_copy():
     policy = models.load_causal_lm(models.ModelSpec(name="tiny", lora=None))
     frozen = models.frozen_copy(policy)
