@@ -199,6 +199,7 @@ def test_smoke_finite_and_actor_and_critic_change(tiny_run):
     assert summary["global_step"] == 2, "one global step per PPO iteration"
     assert summary["start"]["val/objective/kl"] == pytest.approx(0.0, abs=1e-4), "policy == reference at step 0"
     assert abs(summary["end"]["val/objective/kl"]) > 1e-3, "the policy moved away from the reference (k1 sums: noisy sign)"
+    assert 0.0 <= summary["end"]["val/accuracy"] <= 1.0, "arithmetic prompts carry answers: correctness is reported"
     train = [r for r in csv_rows(out) if "train/loss/policy" in r]
     assert len(train) == 2
     for r in train:

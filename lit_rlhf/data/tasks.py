@@ -7,7 +7,6 @@ rejected answer offsets in [-10, 10] \\ {0}), so the same seed gives the same da
 
 from __future__ import annotations
 
-import math
 import random
 import re
 
@@ -216,13 +215,3 @@ def worked_preferences(n: int, seed: int, wrong: str = "step") -> list[dict]:
             raise ValueError(f"wrong must be 'step' or 'final', got {wrong!r}")
         records.append({**r, "chosen": [{"role": "assistant", "content": chosen}], "rejected": [{"role": "assistant", "content": rejected}]})
     return records
-
-
-def answer_closeness(prompts: list[str], completions: list[str], answer: list, scale: float = 10.0) -> list[float | None]:
-    """Shaped reward for numeric answers: exp(-|last number - answer| / scale), 0 without a number, None without an
-    answer. Partial credit gives a group variance (a learning signal) long before any completion is exactly right."""
-    out: list[float | None] = []
-    for completion, ref in zip(completions, answer):
-        value, target = last_number(completion), answer_value(ref)
-        out.append(None if target is None else 0.0 if value is None else math.exp(-abs(value - float(target)) / scale))
-    return out

@@ -1,7 +1,7 @@
 """PPO entry point: ``python -m lit_rlhf.experiments.ppo``.
 
 With no arguments: SmolLM2-135M-Instruct + LoRA (r16, alpha 32, q/k/v/o) on the built-in arithmetic prompts, 40 PPO
-iterations of 8 prompts, rewarded by rules (``numeric_correctness`` + 0.5 x ``answer_closeness``: partial credit for
+iterations of 8 prompts, rewarded by rules (``numeric_correctness`` + 0.5 x ``numeric_closeness``: partial credit for
 a close number; -0.25 for a completion without EOS in 24 tokens), with the critic a value head on the policy's frozen
 base through its own LoRA adapter (one copy of the model for actor, critic and reference), on the CPU in under 15
 minutes on 2 cores. Held-out ``val/score/mean`` and ``val/objective/kl`` (nats per completion) are printed at the start

@@ -46,6 +46,7 @@ from torch import nn
 from lit_rlhf import models, value_models
 from lit_rlhf.advantages import gae, whiten
 from lit_rlhf.callbacks import log_table
+from lit_rlhf.data.tasks import is_correct
 from lit_rlhf.experience import (Experience, LogitsRecorder, RunningMoments, ScoreNorm, apply_missing_eos_penalty,
                                  dense_rewards, explained_variance, minibatches, normalize_scores, sequence_sums,
                                  update_moments)
@@ -56,14 +57,14 @@ from lit_rlhf.losses import ppo_policy_loss, ppo_value_loss
 from lit_rlhf.metrics import PhaseMeans, Throughput, model_flop_counts, training_flops
 from lit_rlhf.optim import OptimizerSettings, build_optimizer, trainable_state_dict
 from lit_rlhf.rewards import RewardComposer, RewardSpec
-from lit_rlhf.rollout import ROLLOUT_BACKENDS, SamplingSettings, decode, eval_mode, group_index
+from lit_rlhf.rollout import ROLLOUT_BACKENDS, SamplingSettings, decode, group_index
 from lit_rlhf.types import PromptBatch, Rollout
 from lit_rlhf.value_models import CriticSettings, RewardModelSettings
 
 
-DEFAULT_REWARDS = (RewardSpec("numeric_correctness", 1.0), RewardSpec("lit_rlhf.data.tasks:answer_closeness", 0.5))
+DEFAULT_REWARDS = (RewardSpec("numeric_correctness", 1.0), RewardSpec("numeric_closeness", 0.5))
 """``reward_model: null, rewards: null`` (the default): 1 when the completion's last number is the answer, plus 0.5 x
-``exp(-|last number - answer| / 10)`` (partial credit for a close answer, so the score moves before answers are right)."""
+``numeric_closeness`` = ``exp(-|pred - answer| / 10)`` (partial credit for a close answer, so the score moves before answers are right)."""
 
 
 class PPOModule(L.LightningModule):
@@ -189,9 +190,10 @@ class PPOModule(L.LightningModule):
         """Completions of the batch's prompts from the current policy, text decoded."""
         index = group_index(batch.input_ids.shape[0], self.hparams.samples_per_prompt, self.device)
         sample = ROLLOUT_BACKENDS[self.hparams.rollout_backend]
-        rollout = sample(self.policy, batch.input_ids, batch.attention_mask, index, self.sampling,
-                         self.eos_token_ids, self.tokenizer.pad_token_id, generator, all_done=lockstep_done(self.policy),
-                         noise=GlobalBatchNoise(generator, batch.input_ids.shape[0], self.hparams.samples_per_prompt))
+        noise = GlobalBatchNoise(generator, batch.input_ids.shape[0], self.hparams.samples_per_prompt)
+        with models.merged_lora(self.policy) as policy:  # LoRA folded into the weights: a faster decode step
+            rollout = sample(policy, batch.input_ids, batch.attention_mask, index, self.sampling, self.eos_token_ids,
+                             self.tokenizer.pad_token_id, generator, all_done=lockstep_done(policy), noise=noise)
         rollout.prompts, rollout.completions = list(batch.prompts), decode(self.tokenizer, rollout)
         return rollout
 
@@ -386,7 +388,14 @@ class PPOModule(L.LightningModule):
         kl = sequence_sums(logps - ref_logps, rollout.response_mask)
         metrics = {"val/score/mean": scores.mean(), "val/objective/kl": kl.mean(),
                    "val/response_length": rollout.completion_lengths.float().mean(), **{f"val/{k}": v for k, v in stats.items()}}
-        self.log_dict(self.val_means.update(metrics, weight=len(scores)), on_epoch=True, on_step=False, batch_size=len(scores))
+        means = self.val_means.update(metrics, weight=len(scores))
+        answers = batch.extras.get("answer")
+        if answers is not None:  # a verifiable task: does the score track correctness (or is it being gamed)?
+            pairs = [(c, answers[i]) for c, i in zip(rollout.completions, rollout.prompt_index.tolist()) if answers[i] is not None]
+            if pairs:
+                accuracy = sum(is_correct(c, a) for c, a in pairs) / len(pairs)
+                means.update(self.val_means.update({"val/accuracy": accuracy}, weight=len(pairs)))
+        self.log_dict(means, on_epoch=True, on_step=False, batch_size=len(scores))
         if len(self._val_rows) < self.hparams.table_rows:
             self._val_rows += self.table_rows(rollout, scores, kl=kl)[: self.hparams.table_rows - len(self._val_rows)]
 
