@@ -1,4 +1,4 @@
-"""``python -m lit_rlhf.bench <stage> --workload NAME [--threads N]``: one JSON line of throughput and memory."""
+"""``python -m lit_rlhf.bench <stage> --workload NAME [--threads N] [--precision P]``: one JSON line of throughput and memory."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import importlib
 import json
 
-STAGES = ("dpo", "grpo")
+STAGES = ("dpo", "grpo", "gemm_floor")
 
 
 def main(argv=None) -> None:
@@ -14,11 +14,15 @@ def main(argv=None) -> None:
     ap.add_argument("stage", choices=STAGES)
     ap.add_argument("--workload", required=True)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument(
+        "--precision", default="32-true", choices=("32-true", "bf16-mixed"),
+        help="Lightning precision; the TRL baseline runs true fp32, so only 32-true compares like for like",
+    )
     args = ap.parse_args(argv)
     bench = importlib.import_module(f"lit_rlhf.bench.{args.stage}")
     if args.workload not in bench.WORKLOADS:
         ap.error(f"unknown workload {args.workload!r} for {args.stage}; choose from {sorted(bench.WORKLOADS)}")
-    print(json.dumps(bench.run(args.workload, args.threads)), flush=True)
+    print(json.dumps(bench.run(args.workload, args.threads, args.precision)), flush=True)
 
 
 if __name__ == "__main__":

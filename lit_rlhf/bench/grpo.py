@@ -11,6 +11,9 @@ Workloads (lr 1e-5, beta 0.04 with k3 KL, temperature 1.0, mu = 1, fp32, as the 
   G1  tiny Llama, full fine-tune (frozen-copy reference), 8 prompts x 8 generations, 32 new tokens, 10 steps
   G2  SmolLM2-135M + LoRA r16 alpha 32 on q,k,v,o (adapter-disabled reference), 4 prompts x 4 generations,
       48 new tokens, 5 steps
+``--precision bf16-mixed`` runs the matmuls in bf16 (fp32 weights, fp32 log-softmax); the TRL baseline is true fp32,
+so only the default compares like for like. MFU = the module's model FLOPs per step (sampling forward, reference
+forward, forward + backward; :mod:`lit_rlhf.metrics`) / step time / the matmul ceiling of the precision.
 Set ``THP_MEM_ALLOC_ENABLE=1`` to compare with the quoted TRL figures (both sides under the same environment).
 """
 
@@ -32,10 +35,12 @@ from lit_rlhf.bench.common import StepTimer, status_mib  # noqa: E402
 
 GRPO_WORKLOADS = {
     "G1": {"model": "tiny", "lora": False, "prompts": 8, "gens": 8, "max_new_tokens": 32, "steps": 10, "minibatch_size": 16},
-    "G2": {"model": "smollm2-135m", "lora": True, "prompts": 4, "gens": 4, "max_new_tokens": 48, "steps": 5, "minibatch_size": 8},
+    "G2": {"model": "smollm2-135m", "lora": True, "prompts": 4, "gens": 4, "max_new_tokens": 48, "steps": 5, "minibatch_size": 4},
 }
 WORKLOADS = GRPO_WORKLOADS
 PHASES = ("generation_s", "scoring_s", "update_s")
+PEAK_FLOPS = {"32-true": 200e9, "bf16-mixed": 850e9}
+"""The CPU's measured 2048^2 matmul ceiling per precision (this machine), the denominator of the reported MFU."""
 
 
 class PhaseTimes(L.Callback):
@@ -46,11 +51,11 @@ class PhaseTimes(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         m = trainer.callback_metrics
-        keys = [f"perf/{p}" for p in PHASES] + ["train/completions/mean_length", "train/rewards/mean"]
+        keys = [f"perf/{p}" for p in PHASES] + ["perf/mfu", "train/completions/mean_length", "train/rewards/mean"]
         self.rows.append({k.split("/", 1)[1]: float(m[k]) for k in keys if k in m})
 
 
-def run(workload: str, threads: int) -> dict:
+def run(workload: str, threads: int, precision: str = "32-true") -> dict:
     from lit_rlhf import models
     from lit_rlhf.data.prompts import PromptDataModule
     from lit_rlhf.data.tasks import arithmetic_prompts
@@ -68,7 +73,7 @@ def run(workload: str, threads: int) -> dict:
     module = GRPOModule(
         policy=models.ModelSpec(name=w["model"], lora=lora), rewards=[RewardSpec("answer_in_text")], num_generations=w["gens"],
         sampling=SamplingSettings(max_new_tokens=w["max_new_tokens"], temperature=1.0), loss="grpo", beta=0.04,
-        minibatch_size=w["minibatch_size"], optimizer=OptimizerSettings(lr=1e-5), table_every_n_steps=0,
+        minibatch_size=w["minibatch_size"], optimizer=OptimizerSettings(lr=1e-5), table_every_n_steps=0, peak_flops=PEAK_FLOPS[precision],
     )
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "prompts.jsonl")
@@ -80,7 +85,7 @@ def run(workload: str, threads: int) -> dict:
         trainer = L.Trainer(
             max_steps=w["steps"], accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-            use_distributed_sampler=False, callbacks=[timer, phases],
+            use_distributed_sampler=False, callbacks=[timer, phases], precision=precision,
         )
         trainer.fit(module, datamodule=dm)
         cpu_end = resource.getrusage(resource.RUSAGE_SELF)
@@ -107,6 +112,9 @@ def run(workload: str, threads: int) -> dict:
         **{f"{p}_median": round(statistics.median(r[p] for r in rest), 4) for p in PHASES},
         "mean_completion_len": round(statistics.mean(r["completions/mean_length"] for r in phases.rows), 2),
         "reward_mean": round(statistics.mean(r["rewards/mean"] for r in phases.rows), 4),
+        "precision": precision,
+        "mfu_median": round(statistics.median(r["mfu"] for r in rest if "mfu" in r), 3) if any("mfu" in r for r in rest) else None,
+        "mfu_peak_flops": PEAK_FLOPS[precision],
         "peak_rss_train_mib": round(status_mib("VmHWM"), 1),
         "cpu_user_s": round(cpu_end.ru_utime - timer.cpu.ru_utime, 1),
         "cpu_sys_s": round(cpu_end.ru_stime - timer.cpu.ru_stime, 1),
