@@ -1,10 +1,11 @@
 """GEMM floor of a GRPO workload: ``python -m lit_rlhf.bench gemm_floor --workload G1|G2``.
 
 Prints one JSON line: the step's matrix multiplications (sampling prefill and decode, reference forward, policy
-forward and backward; attention scores, LoRA and every non-matmul op left out), each shape's rate measured here in
-isolation (weights hot in cache, so an optimistic rate), and their sum: the fastest a step could be if it did nothing
-but these matmuls at those rates. ``max_completions_per_s`` bounds what any fp32 implementation of the workload can
-reach on this machine; compare it with a throughput target before chasing it.
+forward and backward; attention scores, LoRA and every non-matmul op left out), the rate ``F.linear`` reaches for each
+shape here in isolation (repeated on the same weights, so cache-friendly), and their sum: the fastest a step could be
+if it did nothing but these matmuls at those rates (``max_completions_per_s``). ``ceiling_completions_per_s`` is the
+same at the 200 GFLOP/s fp32 ceiling of a 2048^2 matmul for every shape, a bound no fp32 implementation can beat
+here. Compare both with a throughput target before chasing it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch  # noqa: E402
 from lit_rlhf.bench.grpo import GRPO_WORKLOADS  # noqa: E402
 
 WORKLOADS = GRPO_WORKLOADS
+FP32_CEILING = 200e9  # FLOP/s of a 2048^2 fp32 matmul on this machine (2 cores)
 
 
 def _rate(m: int, k: int, n: int, dtype: torch.dtype, reps: int = 5) -> float:
@@ -96,6 +98,7 @@ def run(workload: str, threads: int, precision: str = "32-true") -> dict:
         "floor_s_per_step": round(floor, 3),
         "floor_s_by_phase": {k: round(v, 3) for k, v in phases.items()},
         "max_completions_per_s": round(per_step / floor, 2),
+        "ceiling_completions_per_s": round(per_step / (total_flops / FP32_CEILING), 2),
         "gflops_by_shape": {f"{m}x{k}x{n}": round(v / 1e9, 1) for (m, k, n), v in sorted(rates.items())},
         "torch_threads": torch.get_num_threads(),
     }
