@@ -9,7 +9,8 @@ Workloads:
   W2  SmolLM2-135M + LoRA r16 alpha 32 on q,k,v,o, fp32, 4 pairs/step, max length 128, 10 steps
   W2c W2 with the reference logps precomputed (``reference=cached``); precompute time reported separately
 ``--precision bf16-mixed`` runs the matmuls in bf16 (fp32 weights); the TRL baseline is true fp32, so only the
-default compares like for like. Set ``THP_MEM_ALLOC_ENABLE=1`` to compare with the quoted TRL figures (both sides under the same environment).
+default compares like for like. Set ``THP_MEM_ALLOC_ENABLE=1`` to compare with the quoted TRL figures (both sides
+under the same environment).
 """
 
 from __future__ import annotations
