@@ -104,12 +104,15 @@ class _Wrapped(torch.nn.Module):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_fused_head_path_equals_the_model_head_in_values_and_gradients(lora):
+def test_fused_head_path_equals_the_model_head_in_values_and_gradients(lora, monkeypatch):
     """response_logps with the head fused (the default for a plain HF model) == through the model's own lm_head: logps,
     entropy and every trainable parameter's gradient (the tied embedding of a full fine-tune included)."""
     spec = models.ModelSpec(name="tiny", lora=models.LoRASettings(r=4, alpha=8) if lora else None)
     lm = models.load_causal_lm(spec)
     head = lm.get_output_embeddings()
+    with head_outside(lm) as fused:
+        assert fused is None, "opt-in: off without LIT_RLHF_FUSED_HEAD=1"
+    monkeypatch.setenv("LIT_RLHF_FUSED_HEAD", "1")
     with head_outside(lm) as fused:
         assert fused is head and not isinstance(lm.get_output_embeddings(), torch.nn.Linear)
     assert lm.get_output_embeddings() is head
