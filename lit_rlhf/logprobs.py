@@ -5,12 +5,10 @@ Convention (see :mod:`lit_rlhf.types`): ``logps[b, t] = log p(input_ids[b, t] | 
 
 Speed and memory: a preference or RL batch scores a few response tokens after a long prompt, so logits are computed
 only at the positions that predict scored tokens (``logits_to_keep`` as a bool mask), never over the full sequence; the
-full-vocabulary log-softmax is never materialised (``gather - logsumexp``). Opt-in (``LIT_RLHF_FUSED_HEAD=1``; the
-benchmarks set it), where the model allows it (a plain linear output head, not sharded, no logit soft-capping), the
-head itself runs outside the model, fused with the log-softmax (:func:`head_logps`): one [N, V] buffer per call,
-updated in place in backward, instead of autograd's half a dozen. Faster and leaner, but with 2+ CPU threads its
-results are not bit-identical from one process to the next (a killed-and-resumed GRPO run then drifts from the
-uninterrupted one), so it is off by default.
+full-vocabulary log-softmax is never materialised (``gather - logsumexp``). Where the model allows it (a plain linear
+output head, not sharded, no logit soft-capping) the head itself runs outside the model, fused with the log-softmax
+(:func:`head_logps`): one [N, V] buffer per call, updated in place in backward, instead of autograd's half a dozen.
+``LIT_RLHF_FUSED_HEAD=0`` switches it off (A/B comparisons).
 """
 
 from __future__ import annotations
@@ -107,11 +105,11 @@ def head_outside(lm: torch.nn.Module, enabled: bool | None = None) -> Iterator[t
     """Inside: ``lm(...).logits`` are the final hidden states (the output head swapped for an identity) and the head is
     yielded, to be applied with :func:`head_logps`. Yields None, the model untouched, where that would change the
     result or cannot work: no ``get_output_embeddings`` (a wrapper), a head that is not a bias-free ``nn.Linear``
-    (a LoRA-adapted head), a sharded (FSDP2) head, or a model that transforms its logits (soft-capping), and unless
-    ``enabled`` (default: the environment variable ``LIT_RLHF_FUSED_HEAD=1``, see the module doc)."""
+    (a LoRA-adapted head), a sharded (FSDP2) head, or a model that transforms its logits (soft-capping), or when not
+    ``enabled`` (default: on unless the environment variable ``LIT_RLHF_FUSED_HEAD=0``)."""
     from lit_rlhf.distributed import is_sharded
 
-    if not (os.environ.get("LIT_RLHF_FUSED_HEAD") == "1" if enabled is None else enabled):
+    if not (os.environ.get("LIT_RLHF_FUSED_HEAD", "1") != "0" if enabled is None else enabled):
         yield None
         return
 

@@ -110,9 +110,10 @@ def test_fused_head_path_equals_the_model_head_in_values_and_gradients(lora, mon
     spec = models.ModelSpec(name="tiny", lora=models.LoRASettings(r=4, alpha=8) if lora else None)
     lm = models.load_causal_lm(spec)
     head = lm.get_output_embeddings()
+    monkeypatch.setenv("LIT_RLHF_FUSED_HEAD", "0")
     with head_outside(lm) as fused:
-        assert fused is None, "opt-in: off without LIT_RLHF_FUSED_HEAD=1"
-    monkeypatch.setenv("LIT_RLHF_FUSED_HEAD", "1")
+        assert fused is None, "LIT_RLHF_FUSED_HEAD=0 switches it off"
+    monkeypatch.delenv("LIT_RLHF_FUSED_HEAD")
     with head_outside(lm) as fused:
         assert fused is head and not isinstance(lm.get_output_embeddings(), torch.nn.Linear)
     assert lm.get_output_embeddings() is head

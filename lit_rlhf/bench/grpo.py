@@ -56,7 +56,6 @@ class PhaseTimes(L.Callback):
 
 
 def run(workload: str, threads: int, precision: str = "32-true") -> dict:
-    os.environ.setdefault("LIT_RLHF_FUSED_HEAD", "1")  # the fused output head (lit_rlhf.logprobs), opt-in elsewhere
     from lit_rlhf import models
     from lit_rlhf.data.prompts import PromptDataModule
     from lit_rlhf.data.tasks import arithmetic_prompts
