@@ -162,7 +162,7 @@ class RLHFCLI(LightningCLI):
         if trainer_cfg.get("strategy") == "fsdp2":
             kwargs["strategy"] = fsdp2_strategy(trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1))
         if trainer_cfg.get("deterministic") is None and runs_on_cpu(trainer_cfg.get("accelerator", "auto")):
-            kwargs["deterministic"] = True  # see runs_on_cpu: exact resume and reruns, at no measurable cost on CPU
+            kwargs["deterministic"] = True  # see runs_on_cpu: exact resume and reruns
         plugins = list(trainer_cfg.get("plugins") or [])
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())

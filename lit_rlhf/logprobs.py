@@ -101,15 +101,15 @@ def head_logps(
 
 
 @contextlib.contextmanager
-def head_outside(lm: torch.nn.Module, enabled: bool | None = None) -> Iterator[torch.nn.Linear | None]:
+def head_outside(lm: torch.nn.Module) -> Iterator[torch.nn.Linear | None]:
     """Inside: ``lm(...).logits`` are the final hidden states (the output head swapped for an identity) and the head is
     yielded, to be applied with :func:`head_logps`. Yields None, the model untouched, where that would change the
     result or cannot work: no ``get_output_embeddings`` (a wrapper), a head that is not a bias-free ``nn.Linear``
-    (a LoRA-adapted head), a sharded (FSDP2) head, or a model that transforms its logits (soft-capping), or when not
-    ``enabled`` (default: on unless the environment variable ``LIT_RLHF_FUSED_HEAD=0``)."""
+    (a LoRA-adapted head), a sharded (FSDP2) head, or a model that transforms its logits (soft-capping), or with the
+    environment variable ``LIT_RLHF_FUSED_HEAD=0``."""
     from lit_rlhf.distributed import is_sharded
 
-    if not (os.environ.get("LIT_RLHF_FUSED_HEAD", "1") != "0" if enabled is None else enabled):
+    if os.environ.get("LIT_RLHF_FUSED_HEAD") == "0":
         yield None
         return
 
