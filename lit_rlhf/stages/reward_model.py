@@ -1,20 +1,21 @@
-"""Reward-model training (stage two of RLHF; InstructGPT §3.5, seed 000 §4, seed 001 "reward-model losses").
+"""Reward-model training (stage two of RLHF; InstructGPT, Ouyang et al. 2022, §3.5 and Eq. 1; Bradley & Terry 1952).
 
 A scalar reward r(x, y) (:mod:`lit_rlhf.reward_models`: a decoder with a score head on the last token, or a BERT-style
 encoder) is fitted to the data's record kind, each with its own pure loss (:mod:`lit_rlhf.losses.reward`):
 
-- pairs (``PreferenceBatch``, or ranked lists of 2):  Bradley–Terry  -log sigmoid(r(x, y_w) - r(x, y_l) - m)   (``margin`` m, Llama 2)
+- pairs (``PreferenceBatch``, or ranked lists of 2): Bradley–Terry -log sigmoid(r(x, y_w) - r(x, y_l) - m)
+  (``margin`` m, Llama 2)
 - ranked lists (``RankedBatch``): K-wise ranking loss over all C(K,2) ordered pairs, / C(K,2) (InstructGPT Eq. 1)
-- scored records (``ScoredBatch``): pointwise regression (r(x, y) - s)^2 (seed 003 §3.5.2)
+- scored records (``ScoredBatch``): pointwise regression (r(x, y) - s)^2 (e.g. ±1 outcome labels, Uesato et al. 2022)
 
 plus two optional regularisers: ``lm_coef`` x the NLL of the best response under the backbone's own LM head
-(tied embeddings; keeps the features language-like, seed 001), and ``centering_coef`` x mean(r^2) (reward centering,
-Eisenstein et al. 2023). Every response row is one contiguous right-padded sequence, scored exactly as the exported
-model scores it.
+(tied embeddings; keeps the features language-like, against over-fitting the pairwise task), and ``centering_coef``
+x mean(r^2) (reward centering, Eisenstein et al. 2023). Every response row is one contiguous right-padded sequence,
+scored exactly as the exported model scores it.
 
 Metrics: ``{train,val}/loss``; ``rewards/accuracies`` (pairwise ranking accuracy over every ordered pair, torchmetrics
-``BinaryAccuracy``; the held-out figure of seed 003 §3.5.3), ``rewards/{chosen,rejected}`` and their ``_std`` (chosen =
-best response, rejected = the others), ``rewards/margins``, ``rewards/mean``. Calibration (seed 003 §3.6): after each
+``BinaryAccuracy``; the usual held-out RM figure), ``rewards/{chosen,rejected}`` and their ``_std`` (chosen =
+best response, rejected = the others), ``rewards/margins``, ``rewards/mean``. Calibration check: after each
 validation a warning is issued when the held-out mean reward drifts further than ``calibration_limit`` from 0.
 
     python -m lit_rlhf.experiments.rm                                    # SmolLM2-135M + LoRA, built-in pairs, CPU
@@ -35,10 +36,10 @@ from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from lit_rlhf import models, reward_models
-from lit_rlhf.callbacks import log_table
+from lit_rlhf.data import render
 from lit_rlhf.distributed import full_state_dict, fully_shard_lm, is_sharded
 from lit_rlhf.losses import bradley_terry_loss, pointwise_regression_loss, ranking_loss, reward_centering_penalty
-from lit_rlhf.metrics import Throughput, training_flops
+from lit_rlhf.metrics import Throughput, log_table, training_flops
 from lit_rlhf.optim import OptimizerSettings, build_optimizer, trainable_state_dict
 from lit_rlhf.types import PreferenceBatch, PromptResponseBatch, RankedBatch, ScoredBatch
 
@@ -59,7 +60,24 @@ def pair_differences(ranked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (ranked[:, :, None] - ranked[:, None, :])[valid]
 
 
+def encode_pairs(
+    tokenizer, prompts: list, responses: list, chat_template: bool = True, max_length: int = 512
+) -> list[list[int]]:
+    """Token ids of (prompt, response) pairs (strings or chat messages) rendered as in training: prompt + response,
+    the prompt cut from the left to ``max_length // 2`` and then the response from the right when too long."""
+    rows = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        prompt_text = render.render_prompt(tokenizer, prompt, chat_template)
+        response_text = render.render_completion(tokenizer, prompt, prompt_text, response, chat_template)
+        prompt_ids, response_ids = render.encode(tokenizer, prompt_text), render.encode(tokenizer, response_text)
+        prompt_ids, response_ids, _ = render.truncate_pair(prompt_ids, response_ids, max_length, max_length // 2)
+        rows.append(prompt_ids + response_ids)
+    return rows
+
+
 class RewardModule(L.LightningModule):
+    """Reward model: Bradley-Terry, K-wise ranking or pointwise regression on a scalar head."""
+
     def __init__(
         self,
         backbone: models.ModelSpec = models.ModelSpec(lora=models.LoRASettings(target_modules=["all-linear"])),
@@ -87,21 +105,16 @@ class RewardModule(L.LightningModule):
             table_rows: held-out records shown in the W&B sample table.
         """
         super().__init__()
+        self.strict_loading = False  # checkpoints hold only trainable weights (set before FSDP2 loads)
         self.save_hyperparameters()
         self.spec = backbone
         self.optim_settings = optimizer
         self.model: torch.nn.Module | None = None
-        self._tokenizer = None
+        self.tokenizer = models.load_tokenizer(backbone.name, backbone.revision, for_reward_model=True)
         self.val_loss, self.val_accuracy = MeanMetric(), BinaryAccuracy()
         self.val_chosen, self.val_rejected = CatMetric(), CatMetric()
         self.throughput = Throughput(peak_flops)
         self._table_rows: list[list] = []
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = reward_models.load_tokenizer(self.spec.name, self.spec.revision)
-        return self._tokenizer
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -111,18 +124,22 @@ class RewardModule(L.LightningModule):
         body = sum(p.numel() for p in base.parameters()) - base.get_input_embeddings().weight.numel()
         self._flop_counts = (body, 0)  # (non-embedding parameters, output head): a scalar head costs ~nothing
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2; rewards() runs the body and the head directly
-            direct = [getattr(base, base.base_model_prefix)] + [m for m in (getattr(base, "score", None),) if m is not None]
+            direct = [getattr(base, base.base_model_prefix)] + [
+                m for m in (getattr(base, "score", None),) if m is not None
+            ]
             fully_shard_lm(self.model, self.device_mesh, called_directly=direct)
 
     def rewards(self, batch: PromptResponseBatch, with_lm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(rewards [N] of every response row, LM logps of the best responses' tokens or None), one forward."""
         shared = self.hparams.forward_mode == "shared_prompt" and not with_lm and not self.spec.gradient_checkpointing
         shared = shared and self.device_mesh is None
-        if shared and not reward_models.is_encoder(self.model.config):
+        if shared and not models.is_encoder(self.model.config):
             args = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, batch.prompt_index)
             return reward_models.shared_prompt_rewards(self.model, *args), None
         input_ids, attention_mask, loss_mask, _ = batch.as_sequences()
-        input_ids, attention_mask, loss_mask = reward_models.contiguous_rows(input_ids, attention_mask, self.tokenizer.pad_token_id, loss_mask)
+        input_ids, attention_mask, loss_mask = reward_models.contiguous_rows(
+            input_ids, attention_mask, self.tokenizer.pad_token_id, loss_mask
+        )
         lm_mask = None
         if with_lm:  # rows of the best responses: the first B (chosen, rank 0)
             lm_mask = torch.zeros_like(loss_mask)
@@ -131,7 +148,8 @@ class RewardModule(L.LightningModule):
 
     def score(self, prompts: list, responses: list) -> list[float]:
         """Rewards of (prompt, response) pairs (strings or chat messages), rendered as in training."""
-        return reward_models.score(self.model, self.tokenizer, prompts, responses)
+        rows = encode_pairs(self.tokenizer, prompts, responses)
+        return reward_models.RewardScorer(self.model, self.tokenizer).score_ids(rows).tolist()
 
     # -- loss -----------------------------------------------------------------------------------------------------
     def _loss(self, batch: PromptResponseBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -149,11 +167,14 @@ class RewardModule(L.LightningModule):
             else:
                 loss = ranking_loss(ranked, mask).mean()
             chosen, rejected = ranked[:, 0].detach(), ranked[:, 1:][mask[:, 1:]].detach()
-            metrics.update({
-                "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-                "rewards/margins": chosen.mean() - rejected.mean(),
-                "rewards/accuracies": (pair_differences(ranked.detach(), mask) > 0).float().mean(),
-            })
+            metrics.update(
+                {
+                    "rewards/chosen": chosen.mean(),
+                    "rewards/rejected": rejected.mean(),
+                    "rewards/margins": chosen.mean() - rejected.mean(),
+                    "rewards/accuracies": (pair_differences(ranked.detach(), mask) > 0).float().mean(),
+                }
+            )
         if self.hparams.centering_coef > 0:
             loss = loss + reward_centering_penalty(rewards, self.hparams.centering_coef)
         if lm:
@@ -206,11 +227,15 @@ class RewardModule(L.LightningModule):
             return
         stats = {"val/rewards/mean": everything.mean(), "val/rewards/std": everything.std(unbiased=False)}
         if rejected.numel():
-            stats.update({
-                "val/rewards/chosen": chosen.mean(), "val/rewards/chosen_std": chosen.float().std(unbiased=False),
-                "val/rewards/rejected": rejected.mean(), "val/rewards/rejected_std": rejected.float().std(unbiased=False),
-                "val/rewards/margins": chosen.mean() - rejected.mean(),
-            })
+            stats.update(
+                {
+                    "val/rewards/chosen": chosen.mean(),
+                    "val/rewards/chosen_std": chosen.float().std(unbiased=False),
+                    "val/rewards/rejected": rejected.mean(),
+                    "val/rewards/rejected_std": rejected.float().std(unbiased=False),
+                    "val/rewards/margins": chosen.mean() - rejected.mean(),
+                }
+            )
         self.log_dict(stats)
         mean = float(stats["val/rewards/mean"])
         if abs(mean) > self.hparams.calibration_limit and not self.trainer.sanity_checking:
@@ -219,15 +244,25 @@ class RewardModule(L.LightningModule):
                 f"calibration_limit={self.hparams.calibration_limit} from 0; consider --model.centering_coef=0.01"
             )
         if self._table_rows and not self.trainer.sanity_checking:
-            log_table(self.trainer, "val/samples", ["prompt", "best", "other", "best_reward", "other_reward"], self._table_rows, step=self.global_step)
+            log_table(
+                self.trainer,
+                "val/samples",
+                ["prompt", "best", "other", "best_reward", "other_reward"],
+                self._table_rows,
+                step=self.global_step,
+            )
         self._table_rows = []
 
     def _collect_table_rows(self, batch: PromptResponseBatch, ranked: torch.Tensor) -> None:
         texts = (
-            [[c, r] for c, r in zip(batch.chosen, batch.rejected)] if isinstance(batch, PreferenceBatch) else batch.responses
+            [[c, r] for c, r in zip(batch.chosen, batch.rejected)]
+            if isinstance(batch, PreferenceBatch)
+            else batch.responses
         )
         for i in range(min(self.hparams.table_rows - len(self._table_rows), len(texts))):
-            self._table_rows.append([batch.prompts[i], texts[i][0], texts[i][1], float(ranked[i, 0]), float(ranked[i, 1])])
+            self._table_rows.append(
+                [batch.prompts[i], texts[i][0], texts[i][1], float(ranked[i, 0]), float(ranked[i, 1])]
+            )
 
     # -- optimisation, checkpoints, export ------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -237,10 +272,7 @@ class RewardModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.strict_loading = False
-
-    def export(self, out_dir: Path) -> dict[str, str]:
+    def export(self, out_dir: Path, dtype: str | None = None) -> dict[str, str]:
         model = self.model
         if is_sharded(model):  # FSDP2: gather the full weights (collective), rank 0 rebuilds the network and writes
             state = full_state_dict(model)
@@ -250,4 +282,4 @@ class RewardModule(L.LightningModule):
             model.load_state_dict(state)
         elif self._trainer is not None and not self.trainer.is_global_zero:
             return {}
-        return reward_models.export_reward_model(model, self.tokenizer, out_dir)
+        return reward_models.export_reward_model(model, self.tokenizer, out_dir, dtype)
