@@ -5,14 +5,18 @@ import os
 
 import pytest
 
+from lit_rlhf import models
 from lit_rlhf.data.preference import PreferenceDataModule, PreferenceFields
 from lit_rlhf.data.sources import DataError
-from lit_rlhf.data.tasks import arithmetic_preferences, is_correct
+from lit_rlhf.data.tasks import arithmetic_preferences
+from lit_rlhf.rewards import is_correct
 
 
 def make(path=None, **kw) -> PreferenceDataModule:
     kw.setdefault("val_fraction", 0.0)
-    dm = PreferenceDataModule(tokenizer="tiny", path=path, **kw)
+    kw.setdefault("batch_size", 1)  # tiny files: one pair is a full batch
+    dm = PreferenceDataModule(path=path, **kw)
+    dm.connect(models.load_tokenizer("tiny"))
     dm.setup()
     return dm
 
@@ -22,7 +26,9 @@ def test_builtin_task_is_deterministic_and_verified():
     assert a == b and a != arithmetic_preferences(50, 1)
     for r in a:
         q = r["prompt"][0]["content"]
-        assert is_correct(r["chosen"][0]["content"], r["answer"]) and not is_correct(r["rejected"][0]["content"], r["answer"]), q
+        assert is_correct(r["chosen"][0]["content"], r["answer"]) and not is_correct(
+            r["rejected"][0]["content"], r["answer"]
+        ), q
 
 
 def test_builtin_split_holds_out_questions():
@@ -59,7 +65,9 @@ def test_ultrafeedback_binarized_messages(fixtures_dir):
     dm = make(os.path.join(fixtures_dir, "ultrafeedback_binarized.jsonl"))
     assert len(dm.train_examples) == 2 and dm.stats["skipped_identical"] == 1
     ex = next(e for e in dm.train_examples if "cat" in e.prompt)
-    assert "Translate 'cat' to French." in ex.prompt and ex.chosen.startswith("Chat.") and ex.rejected.startswith("Chien.")
+    assert (
+        "Translate 'cat' to French." in ex.prompt and ex.chosen.startswith("Chat.") and ex.rejected.startswith("Chien.")
+    )
 
 
 def test_seed_question_jsonl_and_empty_rejected(fixtures_dir):
@@ -69,15 +77,21 @@ def test_seed_question_jsonl_and_empty_rejected(fixtures_dir):
 
 
 def test_csv_and_parquet(tmp_path):
+    """Parquet keeps the string columns; CSV reads a column of digits as numbers, which only
+    ``numbers_as_text=True`` turns into text (otherwise an error naming the row and the field)."""
     import datasets
 
     rows = [{"q": f"What is {i} + 1?", "good": f"{i + 1}", "bad": f"{i + 2}"} for i in range(6)]
     ds = datasets.Dataset.from_list(rows)
     ds.to_csv(tmp_path / "p.csv")
     ds.to_parquet(tmp_path / "p.parquet")
-    for name in ("p.csv", "p.parquet"):
-        dm = make(str(tmp_path / name), fields=PreferenceFields(prompt="q", chosen="good", rejected="bad"))
+    fields = PreferenceFields(prompt="q", chosen="good", rejected="bad")
+    for name, numbers_as_text in (("p.csv", True), ("p.parquet", False)):
+        dm = make(str(tmp_path / name), fields=fields, numbers_as_text=numbers_as_text)
         assert len(dm.train_examples) == 6
+        assert {e.chosen for e in dm.train_examples} >= {"2<|im_end|>\n", "6<|im_end|>\n"}
+    with pytest.raises(DataError, match=r"p\.csv row (\d): field 'good' is a number \(\1\), not text.*numbers_as_text"):
+        make(str(tmp_path / "p.csv"), fields=fields)
 
 
 def test_truncation_policy(tmp_path):
@@ -103,7 +117,8 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 def test_missing_field_lists_fields_and_option(tmp_path):
     path = tmp_path / "fields.jsonl"
     path.write_text(json.dumps({"prompt": "a", "good": "b", "rejected": "c"}) + "\n")
-    with pytest.raises(DataError, match=r"fields\.jsonl:1: missing field 'chosen'; fields found: \['good', 'prompt', 'rejected'\].*--data\.fields\.chosen"):
+    found = r"fields found: \['good', 'prompt', 'rejected'\]"
+    with pytest.raises(DataError, match=rf"fields\.jsonl:1: missing field 'chosen'; {found}.*--data\.fields\.chosen"):
         make(str(path))
 
 
@@ -120,3 +135,45 @@ def test_all_pairs_filtered_is_an_error(tmp_path):
     path.write_text(json.dumps({"prompt": "a", "chosen": "", "rejected": "c"}) + "\n")
     with pytest.raises(DataError, match="no usable preference pairs"):
         make(str(path))
+
+
+def test_long_prompts_are_truncated_and_counted_never_emptied(tmp_path):
+    """A quarter of the pairs with prompts far over max_length (the default budget: half of it for the prompt):
+    every pair keeps its responses, is counted as truncated, and the validation set keeps its pairs."""
+    rows = [{"prompt": f"What is {i} + 2?", "chosen": f"{i + 2}", "rejected": f"{i + 3}"} for i in range(8)]
+    for r in rows[:2]:
+        r["prompt"] = " ".join(f"word{j}" for j in range(300)) + r["prompt"]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = make(str(path), max_length=64, val_fraction=0.5)
+    assert dm.max_prompt_length == 32
+    assert dm.stats == {"skipped_empty": 0, "skipped_identical": 0, "truncated": 2}
+    assert len(dm.train_examples) + len(dm.val_examples) == 8 and len(dm.val_examples) == 4
+    for e in dm.train_examples + dm.val_examples:
+        assert e.chosen_ids and e.rejected_ids and len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) <= 64
+
+
+def test_a_validation_set_emptied_by_filtering_is_refused(tmp_path):
+    from lit_rlhf.data.sources import holdout_split
+
+    rows = [{"prompt": f"What is {i} + 2?", "chosen": f"{i + 2}", "rejected": f"{i + 3}"} for i in range(6)]
+    for r in holdout_split([{"i": i} for i in range(6)], 0.34, seed=0)[1]:
+        rows[r["i"]]["chosen"] = " "
+    path = tmp_path / "val.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    message = (
+        r"the validation set is empty: all 2 validation records \(--data\.val_fraction=0\.34\) were skipped "
+        r"\(\{'skipped_empty': 2, .*--data\.val_fraction=0 "
+    )
+    with pytest.raises(DataError, match=message):
+        make(str(path), val_fraction=0.34)
+    assert len(make(str(path), val_fraction=0.0).train_examples) == 4  # no validation asked: trains on the rest
+
+
+def test_numbers_in_text_fields_are_errors_unless_converted(tmp_path):
+    path = tmp_path / "n.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 2 + 2?", "chosen": 4, "rejected": 5.5}) + "\n")
+    with pytest.raises(DataError, match=r"n\.jsonl:1: field 'chosen' is a number \(4\), not text"):
+        make(str(path))
+    ex = make(str(path), numbers_as_text=True, chat_template=False).train_examples[0]
+    assert ex.chosen.startswith("4") and ex.rejected.startswith("5.5")

@@ -6,11 +6,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_rlhf import models
 from lit_rlhf.data.sft import SFTDataModule, pack_examples
 from lit_rlhf.data.sources import DataError
-from lit_rlhf.data.tasks import arithmetic_problems, arithmetic_worked_sft, is_correct, worked_answer
+from lit_rlhf.data.tasks import arithmetic_problems, arithmetic_worked_sft, worked_answer
+from lit_rlhf.rewards import is_correct
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def sft_data(**kw) -> SFTDataModule:
+    """An SFTDataModule given the tiny model's tokenizer (SmolLM2's), as a stage gives it its own."""
+    kw.setdefault("batch_size", 1)  # tiny files: one example is a full batch
+    dm = SFTDataModule(**kw)
+    dm.connect(models.load_tokenizer("tiny"))
+    return dm
 
 
 def scored_text(dm, example) -> str:
@@ -22,7 +32,7 @@ def unscored_text(dm, example) -> str:
 
 
 def test_prompt_tokens_are_not_scored():
-    dm = SFTDataModule(tokenizer="tiny", num_train=4, num_val=2)
+    dm = sft_data(num_train=4, num_val=2)
     dm.setup()
     e = dm.train_examples[0]
     response = arithmetic_worked_sft(1, 0)[0]["response"][0]["content"]
@@ -32,7 +42,7 @@ def test_prompt_tokens_are_not_scored():
 
 
 def test_multi_turn_scores_only_assistant_turns():
-    dm = SFTDataModule(tokenizer="tiny", path=str(FIXTURES / "sft_chat.jsonl"), val_fraction=0.0)
+    dm = sft_data(path=str(FIXTURES / "sft_chat.jsonl"), val_fraction=0.0)
     dm.setup()
     texts = {scored_text(dm, e) for e in dm.train_examples + dm.val_examples}
     assert texts == {"5<|im_end|>\n8<|im_end|>\n", "Hi!<|im_end|>\n"}
@@ -43,8 +53,8 @@ def test_multi_turn_scores_only_assistant_turns():
 
 
 def test_nl2sql_fixture_plain_prompt_format():
-    """The seed's NL2SQL SFT records: prompt "context: ... question: ... answer: " + chosen SQL, no chat template."""
-    dm = SFTDataModule(tokenizer="tiny", path=str(FIXTURES / "sft_nl2sql.jsonl"), chat_template=False, val_fraction=0.2)
+    """NL2SQL SFT records (fixture): prompt "context: ... question: ... answer: " + chosen SQL, no chat template."""
+    dm = sft_data(path=str(FIXTURES / "sft_nl2sql.jsonl"), chat_template=False, val_fraction=0.2)
     dm.setup()
     records = [json.loads(line) for line in (FIXTURES / "sft_nl2sql.jsonl").read_text().splitlines()]
     by_prompt = {r["prompt"]: r["chosen"] for r in records}
@@ -58,13 +68,13 @@ def test_nl2sql_fixture_plain_prompt_format():
 def test_missing_fields_name_the_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n{"text": "c"}\n')
-    dm = SFTDataModule(tokenizer="tiny", path=str(path))
+    dm = sft_data(path=str(path))
     with pytest.raises(DataError, match=r"bad.jsonl:2: .*fields found: \['text'\]"):
         dm.setup()
 
 
 def test_packing_rows_fit_and_positions_restart():
-    dm = SFTDataModule(tokenizer="tiny", num_train=40, num_val=4, packing=True, max_length=256, batch_size=2)
+    dm = sft_data(num_train=40, num_val=4, packing=True, max_length=256, batch_size=2)
     dm.setup()
     assert sum(len(r) for r in dm.train_rows) == len(dm.train_examples)
     assert all(sum(len(e.input_ids) for e in r) <= 256 for r in dm.train_rows)
@@ -88,7 +98,7 @@ def test_pack_examples_is_greedy_and_sequential():
 
 
 def test_builtin_split_and_eval_prompts():
-    dm = SFTDataModule(tokenizer="tiny", num_train=50, num_val=10, eval_prompts=6)
+    dm = sft_data(num_train=50, num_val=10, eval_prompts=6)
     dm.setup()
     train_q = {dm.tokenizer.decode(e.prompt_ids) for e in dm.train_examples}
     assert not train_q & {dm.tokenizer.decode(e.prompt_ids) for e in dm.val_examples}
@@ -104,3 +114,46 @@ def test_worked_answers_are_right(seed):
         assert is_correct(record["response"][0]["content"], record["answer"])
     assert worked_answer(47, "+", 38) == "Ones: 7 + 8 = 15, write 5 carry 1. Tens: 4 + 3 + 1 = 8. The answer is 85."
     assert worked_answer(83, "-", 47) == "Ones: 3 < 7, borrow: 13 - 7 = 6. Tens: 8 - 1 - 4 = 3. The answer is 36."
+
+
+def test_empty_responses_are_skipped_and_counted(tmp_path, capsys):
+    """A blank response (or a conversation whose assistant turns are all blank) would train only the template's
+    end-of-turn tokens: skipped, counted as ``skipped_empty`` and reported."""
+    rows = [
+        {"prompt": "What is 1 + 1?", "response": "2"},
+        {"prompt": "What is 2 + 2?", "response": ""},
+        {"prompt": "What is 3 + 3?", "response": [{"role": "assistant", "content": "  "}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+    ]
+    path = tmp_path / "empty.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = sft_data(path=str(path), val_fraction=0.0)
+    dm.setup()
+    assert len(dm.train_examples) == 2 and dm.stats["skipped_empty"] == 3
+    assert "'skipped_empty': 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "a", "response": 7}, r"bad\.jsonl:1: field 'response' is a number \(7\), not text"),
+        ({"prompt": {"q": "a"}, "response": "b"}, r"bad\.jsonl:1: field 'prompt' must be a string .* got dict"),
+        ({"question": None, "chosen": "b"}, r"bad\.jsonl:1: field 'question' is null"),
+        ({"messages": "hi"}, r"bad\.jsonl:1: field 'messages' must be a list of \{role, content\} messages"),
+        ({"messages": None}, r"bad\.jsonl:1: field 'messages' is null"),
+    ],
+)
+def test_wrong_types_name_the_line_and_the_field(tmp_path, row, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=message):
+        sft_data(path=str(path), val_fraction=0.0).setup()
+
+
+def test_long_prompts_keep_response_tokens():
+    dm = sft_data(num_train=8, num_val=2, max_length=40, max_prompt_length=36)
+    dm.setup()
+    assert dm.stats["truncated"] == 10 and dm.stats["skipped_unscored"] == 0
+    for e in dm.train_examples:
+        assert len(e.input_ids) == 40 and sum(e.loss_mask) >= 4

@@ -22,7 +22,9 @@ def pad_left(rows: list[list[int]], pad_value: int) -> torch.Tensor:
     return out
 
 
-def prompt_response_rows(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prompt_response_rows(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, loss_mask) [N, T] for prompt+response rows; loss_mask covers the response."""
     ids = [p + r for p, r in zip(prompts, responses)]
     input_ids = pad_right(ids, pad_id)

@@ -8,7 +8,7 @@ single process); rank r of W takes every W-th element. So step k's global batch 
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
@@ -47,12 +47,24 @@ def batches_done_in_epoch(trainer) -> int:
 
 
 def sharded_loader(
-    dataset: Sequence, batch_size: int, collate_fn: Callable, shuffle: bool, seed: int, drop_last: bool, skip_batches: int = 0
+    dataset: Sequence,
+    batch_size: int,
+    collate_fn: Callable,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool,
+    skip_batches: int = 0,
 ) -> DataLoader:
     """A per-rank DataLoader over this rank's share of one seeded permutation (see module doc), skipping
     ``skip_batches`` batches of the first epoch it serves (resume)."""
     size, rank = world()
     sampler = ResumableSampler(
-        dataset, num_replicas=size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last, skip_samples=skip_batches * batch_size
+        dataset,
+        num_replicas=size,
+        rank=rank,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=drop_last,
+        skip_samples=skip_batches * batch_size,
     )
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last)

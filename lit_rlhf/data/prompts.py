@@ -4,10 +4,11 @@ Sources: the built-in ``arithmetic`` task (deterministic by seed, held-out quest
 JSON/JSONL/CSV/Parquet file or a hub dataset (``path``), with explicit field mapping (``fields``). A prompt is a
 string or a chat-message list; message lists, and strings when ``chat_template`` is on, go through the tokenizer's
 chat template with the generation prompt (SmolLM2's template adds its default system prompt when the prompt has no
-system turn; ``system_prompt`` sets one, ``instruction`` is appended to the user turn). The ``answer`` column is normalised to a number: ints and floats as they
-are, strings by their GSM8K final answer ("... #### 72" -> 72) or else their last number; a record whose answer has
-no number keeps ``None`` (no accuracy for it, and reward functions skip it). Prompts longer than
-``max_prompt_length`` tokens are cut from the left (their end is kept) and counted.
+system turn; ``system_prompt`` sets one, ``instruction`` is appended to the user turn). The ``answer`` column is
+normalised to a number: ints and floats as they are, strings by their GSM8K final answer ("... #### 72" -> 72) or else
+their last number; a record whose answer has no number keeps ``None`` (no accuracy for it, and reward functions skip
+it). Prompts longer than ``max_prompt_length`` tokens are cut from the left (their end is kept) and counted. A prompt
+that is null, a dict or (unless ``numbers_as_text``) a number is an error naming the record and the field.
 
 A batch is a :class:`lit_rlhf.types.PromptBatch`: left-padded ids, the rendered prompt texts, and ``extras`` (column
 name -> one value per prompt) for the reward functions. Under DDP every rank receives its own prompts (seeded
@@ -18,19 +19,24 @@ G completions of each, so a group never spans ranks.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from lit_rlhf.data import render
+from lit_rlhf.data.base import DataModule
 from lit_rlhf.data.collate import pad_left
 from lit_rlhf.data.loaders import batches_done_in_epoch, sharded_loader
-from lit_rlhf.data.sources import DataError, get_field, read_records
-from lit_rlhf.data.tasks import answer_value, arithmetic_prompts
+from lit_rlhf.data.sources import DataError, get_field, get_text
+from lit_rlhf.data.tasks import arithmetic_prompts
+from lit_rlhf.rewards import answer_value
 from lit_rlhf.types import PromptBatch
+
+TASKS = {"arithmetic": arithmetic_prompts}
+"""Built-in tasks (``--data.task``) -> record generator (:mod:`lit_rlhf.data.tasks`)."""
 
 
 @dataclass
@@ -48,16 +54,6 @@ class PromptExample:
     prompt_ids: list[int]
     prompt: str
     columns: dict[str, Any]
-
-
-def builtin_prompts(task: str, num_train: int, num_val: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, val) records of a built-in task; questions in val never appear in train."""
-    if task != "arithmetic":
-        raise ValueError(f"unknown built-in task {task!r}; available: 'arithmetic'")
-    val = arithmetic_prompts(num_val, seed + 1)
-    held_out = {r["prompt"][0]["content"] for r in val}
-    train = [r for r in arithmetic_prompts(num_train + num_val * 2, seed) if r["prompt"][0]["content"] not in held_out]
-    return train[:num_train], val
 
 
 def with_instructions(prompt: render.Text, system_prompt: str | None, instruction: str | None) -> render.Text:
@@ -90,10 +86,9 @@ def concat_prompt_batches(batches: list[PromptBatch], pad_token_id: int) -> Prom
     )
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(DataModule):
     def __init__(
         self,
-        tokenizer: str = "smollm2-135m",
         path: str | None = None,
         subset: str | None = None,
         split: str = "train",
@@ -113,10 +108,11 @@ class PromptDataModule(L.LightningDataModule):
         shuffle: bool = True,
         max_records: int | None = None,
         max_val_records: int | None = 200,
+        numbers_as_text: bool = False,
     ) -> None:
-        """
+        """The tokenizer is the stage's, given by :meth:`connect` (:mod:`lit_rlhf.data.base`).
+
         Args:
-            tokenizer: model name whose tokenizer renders the prompts (linked to the policy's name by the CLI).
             path: local .json/.jsonl/.csv/.parquet file or hub dataset name; ``null`` uses the built-in ``task``.
             subset: hub dataset configuration (``main`` for ``openai/gsm8k``); ``null`` for datasets with one.
             split: split read from a hub dataset.
@@ -136,6 +132,8 @@ class PromptDataModule(L.LightningDataModule):
             shuffle: shuffle the training prompts (seeded); off, batches follow the record order.
             max_records: read at most this many training records from ``path`` (quick experiments).
             max_val_records: validate on at most this many held-out records (greedy decoding is slow on a CPU).
+            numbers_as_text: accept a number as the prompt (e.g. a CSV column of digits) as its ``str``; off, it is
+                an error naming the record and the field.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -143,57 +141,30 @@ class PromptDataModule(L.LightningDataModule):
         self.train_examples: list[PromptExample] = []
         self.val_examples: list[PromptExample] = []
         self.stats: dict[str, int] = {}
-        self._tokenizer = None
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from lit_rlhf.models import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
-        return self._tokenizer
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_examples:
-            return
-        train_records, val_records = self._records()
-        self.stats = {"truncated": 0}
-        self.train_examples = [self.example(r) for r in train_records]
-        self.val_examples = [self.example(r) for r in val_records[: self.hparams.max_val_records]]
         if not self.train_examples:
-            raise DataError("no training prompts")
+            self._load()
+        self.require_batches(len(self.train_examples), len(self.val_examples), "prompts")
+
+    def _load(self) -> None:
+        train_records, val_records = self.records(TASKS, self.hparams.task, self.hparams.max_val_records)
+        self.stats = {"truncated": 0}
+        val_records = val_records[: self.hparams.max_val_records]
+        self.train_examples, self.val_examples = self.make_examples(self.example, train_records, val_records)
+        if not self.train_examples:
+            raise DataError(f"{self.hparams.path or 'built-in task ' + repr(self.hparams.task)}: no training prompts")
         if self.stats["truncated"]:
-            print(f"[lit_rlhf] prompt data: {self.stats['truncated']} prompts cut to {self.hparams.max_prompt_length} tokens")
-
-    def _records(self) -> tuple[list[dict], list[dict]]:
-        hp = self.hparams
-        if hp.path is None:
-            return builtin_prompts(hp.task, hp.num_train, hp.num_val, hp.seed)
-        records = self._read(hp.split, hp.max_records)
-        if hp.val_split is not None:
-            return records, self._read(hp.val_split, hp.max_val_records)
-        n_val = max(1, int(len(records) * hp.val_fraction)) if len(records) > 1 else 0
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(hp.seed)).tolist()
-        return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
-
-    def _read(self, split: str, limit: int | None) -> list[dict]:
-        hp = self.hparams
-        if hp.subset is None:
-            return read_records(hp.path, split, limit)
-        import datasets
-
-        try:  # a hub dataset with several configurations
-            records = datasets.load_dataset(hp.path, hp.subset, split=split).to_list()[:limit]
-        except Exception as e:  # noqa: BLE001 - re-raised with the dataset named
-            raise DataError(f"could not load hub dataset {hp.path!r} subset {hp.subset!r} split {split!r}: {e}") from e
-        return [{**r, "_where": f"{hp.path}/{hp.subset}[{split}]#{i}"} for i, r in enumerate(records)]
+            cut, limit = self.stats["truncated"], self.hparams.max_prompt_length
+            print(f"[lit_rlhf] prompt data: {cut} prompts cut to {limit} tokens")
 
     def example(self, record: dict) -> PromptExample:
         """Render and tokenise one record; the answer column becomes a number (or None), extras pass through."""
         f, hp = self.fields, self.hparams
         gsm8k = f.prompt == "prompt" and "prompt" not in record and "question" in record
         prompt_field = "question" if gsm8k else f.prompt
-        prompt = with_instructions(get_field(record, prompt_field, "fields.prompt"), hp.system_prompt, hp.instruction)
+        prompt = get_text(record, prompt_field, "fields.prompt", hp.numbers_as_text)
+        prompt = with_instructions(prompt, hp.system_prompt, hp.instruction)
         text = render.render_prompt(self.tokenizer, prompt, hp.chat_template)
         ids = render.encode(self.tokenizer, text)
         if len(ids) > hp.max_prompt_length:
@@ -208,14 +179,18 @@ class PromptDataModule(L.LightningDataModule):
         ids = [e.prompt_ids for e in examples]
         names = examples[0].columns.keys()
         return PromptBatch(
-            pad_left(ids, self.tokenizer.pad_token_id), pad_left([[1] * len(x) for x in ids], 0),
-            [e.prompt for e in examples], {k: [e.columns.get(k) for e in examples] for k in names},
+            pad_left(ids, self.tokenizer.pad_token_id),
+            pad_left([[1] * len(x) for x in ids], 0),
+            [e.prompt for e in examples],
+            {k: [e.columns.get(k) for e in examples] for k in names},
         )
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         skip = batches_done_in_epoch(self.trainer)
-        return sharded_loader(self.train_examples, hp.batch_size, self.collate, hp.shuffle, hp.seed, drop_last=True, skip_batches=skip)
+        return sharded_loader(
+            self.train_examples, hp.batch_size, self.collate, hp.shuffle, hp.seed, drop_last=True, skip_batches=skip
+        )
 
     def val_dataloader(self) -> DataLoader:
         return sharded_loader(self.val_examples, self.hparams.val_batch_size, self.collate, False, 0, drop_last=False)

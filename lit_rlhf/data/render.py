@@ -9,7 +9,8 @@
 
 Truncation policy (``truncate_pair``): when prompt + response exceed ``max_length``, the prompt is cut from the
 left (its most recent tokens are kept) down to ``max_prompt_length``; if still too long, the response is cut from
-the right. Every truncation is counted and reported by the DataModule.
+the right. ``max_prompt_length < max_length`` (checked), so a response keeps at least ``max_length -
+max_prompt_length`` tokens. Every truncation is counted and reported by the DataModule.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ def is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
+def is_blank(text: Text) -> bool:
+    """A blank string, or a message list of blank contents (the empty list too)."""
+    return not text.strip() if isinstance(text, str) else all(not m["content"].strip() for m in text)
+
+
 def render_prompt(tokenizer, prompt: Text, chat_template: bool) -> str:
     if is_messages(prompt):
         if tokenizer.chat_template is None:
@@ -32,7 +38,9 @@ def render_prompt(tokenizer, prompt: Text, chat_template: bool) -> str:
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
     if chat_template and tokenizer.chat_template is not None:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
     return prompt
 
 
@@ -77,14 +85,20 @@ def split_implicit_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Tex
     raise ValueError("chosen and rejected must both be strings or both be message lists")
 
 
-def truncate_pair(prompt_ids: list[int], response_ids: list[int], max_length: int, max_prompt_length: int) -> tuple[list[int], list[int], bool]:
-    """Apply the truncation policy (module doc); returns (prompt_ids, response_ids, truncated)."""
+def truncate_pair(
+    prompt_ids: list[int], response_ids: list[int], max_length: int, max_prompt_length: int
+) -> tuple[list[int], list[int], bool]:
+    """Apply the truncation policy (module doc); returns (prompt_ids, response_ids, truncated).
+
+    ``0 < max_prompt_length < max_length``, so a non-empty response keeps at least
+    ``max_length - max_prompt_length`` tokens (or all of them)."""
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}")
     if len(prompt_ids) + len(response_ids) <= max_length:
         return prompt_ids, response_ids, False
     if len(prompt_ids) > max_prompt_length:
         prompt_ids = prompt_ids[-max_prompt_length:]
-    response_ids = response_ids[: max(0, max_length - len(prompt_ids))]
-    return prompt_ids, response_ids, True
+    return prompt_ids, response_ids[: max_length - len(prompt_ids)], True
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -4,14 +4,19 @@ Record shapes (field names mapped with ``fields``):
 
 - ``{prompt, response}``: strings or chat messages, rendered like preference pairs (:mod:`lit_rlhf.data.render`):
   the prompt through the chat template with the generation prompt, the response as the template's assistant turn
-  (or verbatim + EOS with ``chat_template=false``, e.g. the seed's NL2SQL ``context: ... question: ... answer:``
+  (or verbatim + EOS with ``chat_template=false``, e.g. NL2SQL ``context: ... question: ... answer:``
   prompts). Only response tokens are scored; ``question`` is accepted for ``prompt`` and ``chosen`` for
-  ``response`` (the seed's JSONL) when the default names are absent.
+  ``response`` (preference JSONL reused for SFT) when the default names are absent.
 - ``{messages: [...]}``: a conversation rendered with the chat template; every assistant turn (its content and the
   template's end-of-turn tokens) is scored, everything else (system, user, tool, role headers) is not.
 
-Truncation: prompt/response pairs follow :func:`lit_rlhf.data.render.truncate_pair`; conversations are cut from the
-right to ``max_length``. Examples left with no scored token are skipped; both are counted and reported.
+Text fields are strings or chat-message lists: a null, a dict or (unless ``numbers_as_text``) a number is an error
+naming the record and the field. Records whose response (every assistant turn of a conversation) is blank are skipped
+(``skipped_empty``): after templating they would teach only the end-of-turn tokens.
+
+Truncation: prompt/response pairs follow :func:`lit_rlhf.data.render.truncate_pair` (``max_prompt_length <
+max_length``, so a truncated response keeps at least one token); conversations are cut from the right to
+``max_length``. Examples left with no scored token are skipped (``skipped_unscored``); all are counted and reported.
 
 Packing (``packing=true``): training examples are packed, in a seeded shuffled order, into rows of at most
 ``max_length`` tokens; ``position_ids`` restart at 0 for every example, which is how transformers keeps packed
@@ -28,16 +33,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from lit_rlhf.data import render
-from lit_rlhf.data.loaders import batches_done_in_epoch, sharded_loader
+from lit_rlhf.data.base import DataModule, prompt_budget
 from lit_rlhf.data.collate import pad_left, pad_right
-from lit_rlhf.data.sources import DataError, get_field, read_records
+from lit_rlhf.data.loaders import batches_done_in_epoch, sharded_loader
+from lit_rlhf.data.sources import DataError, get_text, where
 from lit_rlhf.data.tasks import arithmetic_worked_sft
 from lit_rlhf.types import PromptBatch, SFTBatch
+
+TASKS = {"arithmetic": arithmetic_worked_sft}
+"""Built-in tasks (``--data.task``) -> record generator (:mod:`lit_rlhf.data.tasks`)."""
 
 
 @dataclass
@@ -77,7 +85,9 @@ def conversation_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bo
         start = len(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False))
         end_text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not full.startswith(end_text) or start > len(end_text) or start < cursor:
-            raise DataError("the chat template does not render conversation prefixes stably; use prompt/response records")
+            raise DataError(
+                "the chat template does not render conversation prefixes stably; use prompt/response records"
+            )
         pieces += [(full[cursor:start], False), (full[start : len(end_text)], True)]
         cursor = len(end_text)
     pieces.append((full[cursor:], False))
@@ -107,21 +117,11 @@ def pack_examples(examples: list[SFTExample], max_length: int) -> list[list[SFTE
     return rows
 
 
-def builtin_sft(task: str, num_train: int, num_val: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, val) records of a built-in task; questions in val never appear in train."""
-    if task != "arithmetic":
-        raise ValueError(f"unknown built-in task {task!r}; available: 'arithmetic'")
-    val = arithmetic_worked_sft(num_val, seed + 1)
-    held_out = {r["prompt"][0]["content"] for r in val}
-    train = [r for r in arithmetic_worked_sft(num_train + num_val * 2, seed) if r["prompt"][0]["content"] not in held_out]
-    return train[:num_train], val
-
-
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(DataModule):
     def __init__(
         self,
-        tokenizer: str = "smollm2-135m",
         path: str | None = None,
+        subset: str | None = None,
         split: str = "train",
         val_split: str | None = None,
         val_fraction: float = 0.05,
@@ -131,18 +131,20 @@ class SFTDataModule(L.LightningDataModule):
         num_val: int = 64,
         seed: int = 0,
         max_length: int = 512,
-        max_prompt_length: int = 256,
+        max_prompt_length: int | None = None,
         chat_template: bool = True,
         packing: bool = False,
         batch_size: int = 8,
         val_batch_size: int = 64,
         eval_prompts: int = 64,
         max_records: int | None = None,
+        numbers_as_text: bool = False,
     ) -> None:
-        """
+        """The tokenizer is the stage's, given by :meth:`connect` (:mod:`lit_rlhf.data.base`).
+
         Args:
-            tokenizer: model name whose tokenizer renders the data (linked to the policy's name by the CLI).
             path: local .json/.jsonl/.csv/.parquet file or hub dataset name; ``null`` uses the built-in ``task``.
+            subset: hub dataset configuration (``main`` for ``openai/gsm8k``); ``null`` for datasets with one.
             split: split read from a hub dataset.
             val_split: hub split used for validation; ``null`` holds out ``val_fraction`` of the records.
             val_fraction: fraction of records held out for validation when there is no ``val_split``.
@@ -152,41 +154,40 @@ class SFTDataModule(L.LightningDataModule):
             num_val: built-in task: validation examples (questions disjoint from training).
             seed: data seed (built-in generation, hold-out split, shuffling, packing order).
             max_length: max tokens of an example (and of a packed row).
-            max_prompt_length: prompt tokens kept (from the end) when a prompt/response pair is too long.
+            max_prompt_length: prompt tokens kept (from the end) when a prompt/response pair is too long; below
+                ``max_length`` (``null``: half of it).
             chat_template: wrap plain-string prompts in the tokenizer's chat template (message lists always are).
             packing: pack training examples into rows of ``max_length`` tokens (see the module doc).
             batch_size: training rows per step (per device); packed rows hold several examples.
             val_batch_size: rows per validation step (also prompts per generation batch).
             eval_prompts: held-out prompts with an ``answer`` used for greedy accuracy (0 disables).
             max_records: read at most this many records from ``path`` (quick experiments).
+            numbers_as_text: accept numbers in text fields (e.g. a CSV column of digits) as their ``str``; off, a
+                number where text belongs is an error naming the record and the field.
         """
         super().__init__()
         self.save_hyperparameters()
+        self.max_prompt_length = prompt_budget(max_length, max_prompt_length)
         self.fields = fields
         self.train_examples: list[SFTExample] = []
         self.val_examples: list[SFTExample] = []
         self.train_rows: list[list[SFTExample]] = []
         self.stats: dict[str, int] = {}
-        self._tokenizer = None
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from lit_rlhf.models import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
-        return self._tokenizer
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_examples:
-            return
-        hp = self.hparams
-        train_records, val_records = self._records()
-        self.stats = {"truncated": 0, "skipped_unscored": 0}
-        self.train_examples = [e for r in train_records if (e := self.example(r)) is not None]
-        self.val_examples = [e for r in val_records if (e := self.example(r)) is not None]
         if not self.train_examples:
-            raise DataError(f"no usable SFT examples ({self.stats})")
+            self._load()
+        unit = "rows (packed examples)" if self.hparams.packing else "examples"
+        self.require_batches(len(self.train_rows), len(self.val_examples), unit)
+
+    def _load(self) -> None:
+        hp = self.hparams
+        train_records, val_records = self.records(TASKS, hp.task)
+        self.stats = {"truncated": 0, "skipped_empty": 0, "skipped_unscored": 0}
+        self.train_examples, self.val_examples = self.make_examples(self.example, train_records, val_records)
+        if not self.train_examples:
+            source = hp.path or f"built-in task {hp.task!r}"
+            raise DataError(f"{source}: no usable SFT examples ({self.stats})")
         if hp.packing:
             order = torch.randperm(len(self.train_examples), generator=torch.Generator().manual_seed(hp.seed)).tolist()
             self.train_rows = pack_examples([self.train_examples[i] for i in order], hp.max_length)
@@ -195,25 +196,16 @@ class SFTDataModule(L.LightningDataModule):
         if any(self.stats.values()):
             print(f"[lit_rlhf] SFT data: {self.stats}")
 
-    def _records(self) -> tuple[list[dict], list[dict]]:
-        hp = self.hparams
-        if hp.path is None:
-            return builtin_sft(hp.task, hp.num_train, hp.num_val, hp.seed)
-        records = read_records(hp.path, hp.split, hp.max_records)
-        if hp.val_split is not None:
-            return records, read_records(hp.path, hp.val_split, hp.max_records)
-        n_val = max(1, int(len(records) * hp.val_fraction)) if len(records) > 1 else 0
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(hp.seed)).tolist()
-        return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
-
     def example(self, record: dict) -> SFTExample | None:
         """Tokenise one record (see the module doc); None when nothing is left to score."""
         f, tok, hp = self.fields, self.tokenizer, self.hparams
-        where = record.get("_where", "record")
         if f.messages in record:
-            messages = record[f.messages]
-            if not render.is_messages(messages):
-                raise DataError(f"{where}: field {f.messages!r} must be a list of {{role, content}} messages")
+            messages = get_text(record, f.messages, "fields.messages", hp.numbers_as_text)
+            if not isinstance(messages, list):
+                raise DataError(f"{where(record)}: field {f.messages!r} must be a list of {{role, content}} messages")
+            if render.is_blank([m for m in messages if m["role"] == "assistant"]):
+                self.stats["skipped_empty"] += 1
+                return None
             ids, mask = encode_segments(tok, conversation_segments(tok, messages))
             truncated = len(ids) > hp.max_length
             ids, mask, prompt_ids, prompt_text = ids[: hp.max_length], mask[: hp.max_length], None, ""
@@ -223,15 +215,22 @@ class SFTDataModule(L.LightningDataModule):
             if prompt_key not in record and response_key not in record:
                 found = sorted(k for k in record if not k.startswith("_"))
                 raise DataError(
-                    f"{where}: neither {f.messages!r} nor {f.prompt!r}/{f.response!r} found; fields found: {found}. "
-                    "Map them with --data.fields.messages=<field> or --data.fields.prompt=<field> --data.fields.response=<field>"
+                    f"{where(record)}: neither {f.messages!r} nor {f.prompt!r}/{f.response!r} found; fields found: "
+                    f"{found}. Map them with --data.fields.messages=<field> or "
+                    "--data.fields.prompt=<field> --data.fields.response=<field>"
                 )
-            prompt = get_field(record, prompt_key, "fields.prompt")
-            response = get_field(record, response_key, "fields.response")
+            prompt = get_text(record, prompt_key, "fields.prompt", hp.numbers_as_text)
+            response = get_text(record, response_key, "fields.response", hp.numbers_as_text)
+            if render.is_blank(response):
+                self.stats["skipped_empty"] += 1
+                return None
             prompt_text = render.render_prompt(tok, prompt, hp.chat_template)
             response_text = render.render_completion(tok, prompt, prompt_text, response, hp.chat_template)
             prompt_ids, response_ids, truncated = render.truncate_pair(
-                render.encode(tok, prompt_text), render.encode(tok, response_text), hp.max_length, hp.max_prompt_length
+                render.encode(tok, prompt_text),
+                render.encode(tok, response_text),
+                hp.max_length,
+                self.max_prompt_length,
             )
             ids, mask = prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
         self.stats["truncated"] += int(truncated)
@@ -260,7 +259,9 @@ class SFTDataModule(L.LightningDataModule):
         pad = self.tokenizer.pad_token_id
         input_ids = pad_left([e.prompt_ids for e in examples], pad)
         attention_mask = pad_left([[1] * len(e.prompt_ids) for e in examples], 0)
-        return PromptBatch(input_ids, attention_mask, [e.prompt for e in examples], {"answer": [e.answer for e in examples]})
+        return PromptBatch(
+            input_ids, attention_mask, [e.prompt for e in examples], {"answer": [e.answer for e in examples]}
+        )
 
     def eval_examples(self) -> list[SFTExample]:
         usable = [e for e in self.val_examples if e.answer is not None and e.prompt_ids]
@@ -268,7 +269,9 @@ class SFTDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp, skip = self.hparams, batches_done_in_epoch(self.trainer)
-        return sharded_loader(self.train_rows, hp.batch_size, self.collate, True, hp.seed, drop_last=True, skip_batches=skip)
+        return sharded_loader(
+            self.train_rows, hp.batch_size, self.collate, True, hp.seed, drop_last=True, skip_batches=skip
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         bs = self.hparams.val_batch_size

@@ -1,4 +1,5 @@
-"""Built-in synthetic tasks with verifiers, deterministic by seed, so every stage has an offline default.
+"""Built-in synthetic tasks, deterministic by seed, so every stage has an offline default; their ``answer`` columns are
+graded by the package's one verifier, :func:`lit_rlhf.rewards.is_correct`.
 
 Arithmetic: "What is A + B?" / "What is A - B?", A and B two-digit (10..99), operands of "-" ordered so the answer is
 never negative. The generator draws from ``random.Random(seed)`` in a fixed order (operator, A, B; then for a
@@ -8,11 +9,11 @@ rejected answer offsets in [-10, 10] \\ {0}), so the same seed gives the same da
 from __future__ import annotations
 
 import random
-import re
+
+from lit_rlhf.rewards import parse_number
 
 QUESTION = "What is {a} {op} {b}?"
 ANSWER = "The answer is {x}."
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def _problem(rng: random.Random) -> tuple[str, int]:
@@ -62,21 +63,13 @@ def arithmetic_prompts(n: int, seed: int) -> list[dict]:
 def arithmetic_sft(n: int, seed: int) -> list[dict]:
     """Prompt/response records with a worked answer (SFT)."""
     return [
-        {"prompt": [{"role": "user", "content": q}], "response": [{"role": "assistant", "content": ANSWER.format(x=x)}], "answer": x}
+        {
+            "prompt": [{"role": "user", "content": q}],
+            "response": [{"role": "assistant", "content": ANSWER.format(x=x)}],
+            "answer": x,
+        }
         for q, x in arithmetic_problems(n, seed)
     ]
-
-
-def last_number(text: str) -> float | None:
-    """The last number in ``text`` (commas ignored), or None."""
-    found = _NUMBER.findall(text.replace(",", ""))
-    return float(found[-1]) if found else None
-
-
-def is_correct(completion: str, answer: int | float) -> bool:
-    """Verifier: the last number in the completion equals the answer."""
-    value = last_number(completion)
-    return value is not None and value == float(answer)
 
 
 def worked_answer(a: int, op: str, b: int) -> str:
@@ -147,7 +140,7 @@ def arithmetic_ranked(n: int, seed: int, k: int = 4) -> list[dict]:
 
 def arithmetic_scored(n: int, seed: int) -> list[dict]:
     """Scored records ``{prompt, response, score, answer}``: a right (score 1) or wrong (score -1) answer, half each
-    (the outcome-supervised reward-model data of seed 003 §3.5.1)."""
+    (outcome supervision: a label for the final answer only, as in Cobbe et al. 2021's verifiers)."""
     rng = random.Random(seed)
     records = []
     for i in range(n):
@@ -162,22 +155,6 @@ def arithmetic_scored(n: int, seed: int) -> list[dict]:
             }
         )
     return records
-
-
-def answer_value(answer: object) -> int | float | None:
-    """A reference answer as a number: ints/floats as they are, strings by their GSM8K final answer
-    ("... #### 1,234" -> 1234) or else their last number ("72" -> 72); None when there is no number."""
-    if answer is None or isinstance(answer, bool):
-        return None
-    if isinstance(answer, (int, float)):
-        return answer
-    if not isinstance(answer, str):
-        raise TypeError(f"answer must be a number or a string, got {type(answer).__name__}: {answer!r}")
-    text = answer.rpartition("####")[2] if "####" in answer else answer
-    value = last_number(text)
-    if value is None:
-        return None
-    return int(value) if value.is_integer() else value
 
 
 def worked_answer_reaching(a: int, op: str, b: int, y: int) -> str:
@@ -205,7 +182,7 @@ def worked_preferences(n: int, seed: int, wrong: str = "step") -> list[dict]:
     for r in arithmetic_preferences(n, seed):
         question = r["prompt"][0]["content"]
         a, op, b = question[len("What is ") : -1].split(" ")
-        y = int(last_number(r["rejected"][0]["content"]))
+        y = int(parse_number(r["rejected"][0]["content"]))
         chosen = worked_answer(int(a), op, int(b))
         if wrong == "step":
             rejected = worked_answer_reaching(int(a), op, int(b), y)
@@ -213,5 +190,11 @@ def worked_preferences(n: int, seed: int, wrong: str = "step") -> list[dict]:
             rejected = chosen[: chosen.rindex("The answer is")] + ANSWER.format(x=y)
         else:
             raise ValueError(f"wrong must be 'step' or 'final', got {wrong!r}")
-        records.append({**r, "chosen": [{"role": "assistant", "content": chosen}], "rejected": [{"role": "assistant", "content": rejected}]})
+        records.append(
+            {
+                **r,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
     return records
