@@ -10,6 +10,9 @@ Sampling across processes (GRPO, PPO rollouts): :class:`GlobalBatchNoise` draws 
 whole global batch from a generator seeded the same on every rank, and each rank keeps the rows of its own prompts,
 so a completion is the same whether its prompt was sampled by 1 process or by rank r of W.
 :func:`all_ranks_done` keeps the ranks' decode loops in lockstep under FSDP2 (every forward is collective).
+
+Losses over a global batch (SFT's token mean, GRPO's sequence/token normalisers, PPO's minibatch token means) divide
+each rank's sum by :func:`global_normalizer`, so the gradient the strategy averages over ranks is the global mean's.
 """
 
 from __future__ import annotations
@@ -118,11 +121,58 @@ def fully_shard_root(module: nn.Module, device_mesh) -> nn.Module:
     return fully_shard(module, mesh=data_parallel_mesh(device_mesh))
 
 
-def global_masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """:func:`lit_rlhf.logprobs.masked_whiten` with the mean and (Bessel-corrected) variance over the masked entries
-    of all ranks (two all-reduces; every rank must call it)."""
+def row_chunks(n: int, size: int | None, device, same_count_on_all_ranks: bool = False) -> list[torch.Tensor]:
+    """Row indices 0..n-1 in consecutive chunks of ``size`` (None: one chunk). With ``same_count_on_all_ranks``,
+    trailing empty chunks give every rank the largest count, so data-parallel ranks run the same number of backward
+    passes (an all-reduce: every rank must call it)."""
     import torch.distributed as dist
 
+    size = size or max(n, 1)
+    count = -(-n // size)
+    if same_count_on_all_ranks and world()[0] > 1:
+        counts = torch.tensor([count], device=device)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        count = int(counts)
+    return [torch.arange(min(n, i * size), min(n, (i + 1) * size), device=device) for i in range(count)]
+
+
+def global_normalizer(local: torch.Tensor) -> torch.Tensor:
+    """The normaliser of a global mean under data parallelism: the mean over ranks of each rank's ``local`` count
+    (its tokens, sequences or summed weights), at least 1e-8. A rank's loss SUM divided by it, averaged over the ranks
+    (as DDP all-reduces and FSDP2 reduce-scatters gradients), is the sum over all ranks divided by the global count:
+    the global mean, whatever the split. One process: ``local`` itself. An all-reduce: every rank must call it."""
+    import torch.distributed as dist
+
+    total = torch.as_tensor(local, dtype=torch.float32).detach().clone()
+    world_size, _ = world()
+    if world_size > 1:
+        dist.all_reduce(total)
+        total = total / world_size
+    return total.clamp(min=1e-8)
+
+
+def rank_mean(value: torch.Tensor) -> float:
+    """The mean of a scalar tensor over the ranks, the same number on every rank (e.g. for early stopping); the value
+    itself with one process. An all-reduce: every rank must call it."""
+    import torch.distributed as dist
+
+    world_size, _ = world()
+    if world_size == 1:
+        return float(value)
+    total = value.detach().to(torch.float32).clone().reshape(1)
+    dist.all_reduce(total)
+    return float(total) / world_size
+
+
+def global_masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """:func:`lit_rlhf.logprobs.masked_whiten` with the mean and (Bessel-corrected) variance over the masked entries
+    of all ranks (two all-reduces; every rank must call it); with one process, ``masked_whiten`` itself."""
+    import torch.distributed as dist
+
+    if world()[0] == 1:
+        from lit_rlhf.logprobs import masked_whiten
+
+        return masked_whiten(x, mask, eps=eps)
     mask = mask.to(x.dtype)
     sums = torch.stack([(x * mask).sum(), mask.sum()])
     dist.all_reduce(sums)

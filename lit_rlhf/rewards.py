@@ -1,12 +1,20 @@
 """Reward functions for GRPO/PPO: a registry of rule-based verifiers, model-based scoring, and a weighted composer.
 
 A reward function is a plain callable ``fn(prompts, completions, **columns) -> list[float | None]``: ``columns`` are
-the dataset's extra columns (e.g. ``answer=[72, 12, ...]``), each aligned with ``completions``. ``None`` means "no
-reward for this sample": it is left out of that function's statistics and adds 0 to the weighted total.
+the dataset's extra columns (e.g. ``answer=[72, 12, ...]``), each aligned with ``completions``. ``None`` (or NaN)
+means "no reward from this function for this sample": it is left out of that function's statistics and of the
+weighted total, which sums the functions that did score the sample; a sample no function scored has total NaN ("no
+reward", :attr:`RewardResult.scored` False), which the stages leave out of every statistic and give advantage 0.
+``±inf`` is an error (:class:`RewardFunctionError`, naming the function and the sample).
 
 Built-ins: the GRPO/GSM8K rule set (answer correctness, integer answer, strict/soft format, XML tag count; DeepSeek-R1
-style), DAPO's soft overlong penalty (Yu et al. 2025, §3.4) and a sequence-classification reward model. Functions are
-picked by name in YAML through :class:`RewardSpec`: a registry key or an import path ``package.module:function``.
+style, Guo et al. 2025 §2.2.2), DAPO's soft overlong penalty (Yu et al. 2025, §3.4) and a sequence-classification
+reward model. Functions are picked by name in YAML through :class:`RewardSpec`: a registry key or an import path
+``package.module:function``. :data:`DEFAULT_REWARDS` is the rule set GRPO and PPO use when none is configured.
+
+This module holds THE answer verifier (:func:`is_correct`, :func:`grade`, :func:`answer_value`; the rule is written
+out above them): the correctness rewards, every stage's ``val/accuracy``, and the data modules (answer columns are
+normalised by :func:`answer_value`; this module imports no data module, so no import circle forms).
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ import inspect
 import math
 import numbers
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -39,9 +48,15 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     return decorator
 
 
-# ----------------------------------------------------------------------------------------------------- parsing
-# A number: optional minus (not after a word character, so "x-3" gives 3), digits with optional thousands commas,
-# optional decimals. "1,234.5" -> 1234.5; "72." -> 72.
+# ---------------------------------------------------------------------------------------------- the verifier
+# The one answer verifier of the package (reward functions, every stage's val/accuracy, the built-in tasks):
+#   prediction: the text of the completion's last <answer> tag when it has one, else the whole completion; its LAST
+#               number (parse_number: a minus sign not after a word or a closing bracket, so "x-3" is 3 and "5-3"
+#               is 3; thousands commas only in groups of three, so "1,234.5" is 1234.5; decimals; "72." is 72);
+#   reference:  a number as it is; a string by the text after its last "####" (GSM8K "... #### 72") when it has
+#               one, else the whole string, read by the same parse_number; anything else has no value (None);
+#   correct:    |prediction - reference| <= max(tolerance, rel_tolerance * |reference|), exact with the defaults 0;
+#               ungraded (None) when the reference has no value.
 _NUMBER_RE = re.compile(r"(?:(?<![\w)\]])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
 _INTEGER_LITERAL_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)")
 _INT_TOKEN_RE = re.compile(r"-?\d+")
@@ -66,18 +81,43 @@ def parse_number(text: str) -> float | None:
     return float(matches[-1].replace(",", "")) if matches else None
 
 
-def _answer_value(answer: Any) -> float | None:
-    """Reference answer (int / float / numeric string / GSM8K "#### 72" / 0-d tensor) as a float, or None."""
+def predicted_value(completion: str) -> float | None:
+    """The completion's answer: the last number of its last ``<answer>`` tag, else of the whole text; or None."""
+    tagged = extract_xml_answer(completion)
+    return parse_number(tagged if tagged is not None else completion)
+
+
+def answer_value(answer: Any) -> int | float | None:
+    """A reference answer as a number (int when integral): numbers (0-d tensors too) as they are; strings by their
+    GSM8K final answer ("... #### 1,234" -> 1234) or else their last number ("72" -> 72); None otherwise."""
+    if isinstance(answer, torch.Tensor) and answer.numel() == 1:
+        answer = answer.item()
     if answer is None or isinstance(answer, bool):
         return None
     if isinstance(answer, numbers.Number):
-        return float(answer)  # type: ignore[arg-type]
-    if isinstance(answer, torch.Tensor) and answer.numel() == 1:
-        return float(answer.item())
-    if isinstance(answer, str):
-        hashed = extract_hash_answer(answer)
-        return parse_number(hashed if hashed is not None else answer)
-    return None
+        return int(answer) if isinstance(answer, numbers.Integral) else float(answer)  # type: ignore[arg-type]
+    if not isinstance(answer, str):
+        return None
+    hashed = extract_hash_answer(answer)
+    value = parse_number(hashed if hashed is not None else answer)
+    return None if value is None else int(value) if value.is_integer() else value
+
+
+def is_correct(completion: str, answer: Any, tolerance: float = 0.0, rel_tolerance: float = 0.0) -> bool | None:
+    """Whether the completion's :func:`predicted_value` is within ``max(tolerance, rel_tolerance * |answer|)`` of
+    :func:`answer_value` (exact by default); None when the reference has no numeric value (ungraded)."""
+    target = answer_value(answer)
+    if target is None:
+        return None
+    pred = predicted_value(completion)
+    return pred is not None and abs(pred - target) <= max(tolerance, rel_tolerance * abs(target))
+
+
+def grade(completions: Sequence[str], answers: Sequence[Any]) -> list[bool]:
+    """:func:`is_correct` of each (completion, answer) pair whose answer has a value; ungraded pairs are left out.
+    ``sum(grade(...)) / len(grade(...))`` is the accuracy (``val/accuracy`` of the stages)."""
+    graded = (is_correct(c, a) for c, a in zip(completions, answers, strict=True))
+    return [g for g in graded if g is not None]
 
 
 # --------------------------------------------------------------------------------------------- rule-based rewards
@@ -93,31 +133,25 @@ def numeric_tolerance(
 ) -> list[float | None]:
     """1.0 if ``|pred - answer| <= max(tolerance, rel_tolerance * |answer|)``, else 0.0; None if answer not numeric.
 
-    ``pred`` is the number inside ``<answer>…</answer>`` when the completion has that tag, else its last number.
+    ``pred`` is the number inside ``<answer>…</answer>`` when the completion has that tag, else its last number
+    (:func:`is_correct`).
     """
-    out: list[float | None] = []
-    for completion, ref in zip(completions, answer):
-        tagged = extract_xml_answer(completion)
-        target, pred = _answer_value(ref), parse_number(tagged if tagged is not None else completion)
-        if target is None:
-            out.append(None)
-        else:
-            ok = pred is not None and abs(pred - target) <= max(tolerance, rel_tolerance * abs(target))
-            out.append(1.0 if ok else 0.0)
-    return out
+    graded = (is_correct(c, a, tolerance, rel_tolerance) for c, a in zip(completions, answer))
+    return [None if ok is None else float(ok) for ok in graded]
 
 
 @register_reward("numeric_closeness")
-def numeric_closeness(prompts: list[str], completions: list[str], answer: list, scale: float = 10.0) -> list[float | None]:
+def numeric_closeness(
+    prompts: list[str], completions: list[str], answer: list, scale: float = 10.0
+) -> list[float | None]:
     """Shaped credit ``exp(-|pred - answer| / scale)`` (1.0 when exact), 0.0 without a number, None when the answer
-    is not numeric; ``pred`` is read as in :func:`numeric_tolerance`. Near misses score above far ones, so a group
+    is not numeric; ``pred`` is read as in :func:`is_correct`. Near misses score above far ones, so a group
     has reward variance (a learning signal) long before any completion is exactly right."""
     if scale <= 0:
         raise ValueError(f"numeric_closeness: scale must be > 0, got {scale}")
     out: list[float | None] = []
     for completion, ref in zip(completions, answer):
-        tagged = extract_xml_answer(completion)
-        target, pred = _answer_value(ref), parse_number(tagged if tagged is not None else completion)
+        target, pred = answer_value(ref), predicted_value(completion)
         out.append(None if target is None else 0.0 if pred is None else math.exp(-abs(pred - target) / scale))
     return out
 
@@ -193,7 +227,7 @@ def answer_in_text(prompts: list[str], completions: list[str], answer: list) -> 
     """
     out: list[float | None] = []
     for completion, ref in zip(completions, answer):
-        target = _answer_value(ref)
+        target = answer_value(ref)
         if target is None or not float(target).is_integer():
             out.append(None)
             continue
@@ -204,21 +238,13 @@ def answer_in_text(prompts: list[str], completions: list[str], answer: list) -> 
 
 # ---------------------------------------------------------------------------------------------- model-based reward
 _REWARD_MODELS: dict[tuple[str, str], tuple[Any, Any]] = {}
+"""(model, tokenizer) of each reward model :func:`model_reward` has loaded, per (path, device)."""
 
 
-def _load_reward_model(path: str, device: str) -> tuple[Any, Any]:
-    """(model, tokenizer) for an exported sequence-classification reward model, loaded once per (path, device)."""
-    if (path, device) not in _REWARD_MODELS:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).to(device).eval()
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        _REWARD_MODELS[(path, device)] = (model, tokenizer)
-    return _REWARD_MODELS[(path, device)]
+def scoring_texts(prompts: list[str], completions: list[str], finished: list[bool], suffix: str) -> list[str]:
+    """Reward-model input texts: ``prompt + completion``, plus the end-of-turn ``suffix`` (the policy template's,
+    :func:`lit_rlhf.models.turn_suffix`) where the completion ended with EOS (decoding dropped that token)."""
+    return [p + c + (suffix if f else "") for p, c, f in zip(prompts, completions, finished, strict=True)]
 
 
 @register_reward("model_reward")
@@ -229,22 +255,22 @@ def model_reward(
     batch_size: int = 16,
     max_length: int = 512,
     device: str | None = None,
+    label_index: int = 0,
+    truncation_side: str = "right",
 ) -> list[float | None]:
-    """Scalar logit of the reward model at ``path`` on ``prompt + completion`` (truncated to ``max_length`` tokens).
+    """Logit ``label_index`` of the reward model at ``path`` (:class:`lit_rlhf.reward_models.RewardScorer`) on
+    ``prompt + completion``, cut to ``max_length`` tokens at the ``right`` end (``left``: keeps the completion).
 
     ``device`` defaults to CUDA when available. The model is loaded on first use and cached per (path, device).
     """
+    from lit_rlhf.reward_models import RewardScorer, load_exported
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = _load_reward_model(path, device)
-    texts = [p + c for p, c in zip(prompts, completions)]
-    out: list[float | None] = []
-    with torch.inference_mode():
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-            ).to(device)
-            out.extend(model(**enc).logits[:, 0].float().tolist())
-    return out
+    if (path, device) not in _REWARD_MODELS:
+        _REWARD_MODELS[(path, device)] = load_exported(path, device)
+    model, tokenizer = _REWARD_MODELS[(path, device)]
+    scorer = RewardScorer(model, tokenizer, label_index, batch_size, max_length, truncation_side)
+    return scorer.score_texts(scoring_texts(prompts, completions, [False] * len(prompts), "")).tolist()
 
 
 # ------------------------------------------------------------------------------------------------ resolution
@@ -285,28 +311,80 @@ class RewardSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+DEFAULT_REWARDS = (RewardSpec("numeric_correctness", 1.0), RewardSpec("numeric_closeness", 0.5))
+"""GRPO's and PPO's reward when none is configured: 1 when the completion's answer equals the reference
+(:func:`is_correct`), plus 0.5 x ``numeric_closeness`` = ``exp(-|pred - answer| / 10)``, partial credit for a close
+answer, so rewards vary (within a group, and across a PPO batch) before any answer is exactly right."""
+
+
 class RewardFunctionError(RuntimeError):
-    """A reward function raised; the message names the function and the failing sample."""
+    """A reward function raised or returned ±inf; the message names the function and the failing sample."""
+
+
+def reward_stats(total: torch.Tensor) -> dict[str, float]:
+    """``rewards/{mean,std,min,max}`` (std: population) over the rewards of ``total`` [N] that are not NaN (NaN: no
+    reward; NaN statistics when there is none) and ``rewards/missing_frac``, the fraction of NaN."""
+    scored, n = total[~torch.isnan(total)].float(), max(total.numel(), 1)
+    if not scored.numel():
+        nan = math.nan
+        return {"rewards/mean": nan, "rewards/std": nan, "rewards/min": nan, "rewards/max": nan,
+                "rewards/missing_frac": float(total.numel() > 0)}  # fmt: skip
+    return {
+        "rewards/mean": scored.mean().item(), "rewards/std": scored.std(correction=0).item(),
+        "rewards/min": scored.min().item(), "rewards/max": scored.max().item(),
+        "rewards/missing_frac": (total.numel() - scored.numel()) / n,
+    }  # fmt: skip
+
+
+def scored_mean(total: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(mean of the rewards of ``total`` that are not NaN, 0 when none; their number): a mean weighted by the second
+    over batches is the mean over every scored sample (e.g. ``val/rewards/mean``)."""
+    scored = ~torch.isnan(total)
+    count = int(scored.sum())
+    return torch.where(scored, total, 0.0).sum() / max(count, 1), count
+
+
+def validation_means(
+    total: torch.Tensor, completions: list[str], answers: Sequence | None, prefix: str = "val/"
+) -> list[tuple[dict[str, torch.Tensor | float], int]]:
+    """``[(means, weight)]`` of a held-out batch, each mean to be averaged over the batches with its weight:
+    ``rewards/mean`` over the completions that got a reward (``total`` [N], NaN: none; :func:`scored_mean`) and
+    ``accuracy``, the verifier's fraction of right answers over the graded completions (:func:`grade`; ``answers``
+    aligned with ``completions``, None: not graded). Keys start with ``prefix``; means of weight 0 are left out."""
+    reward, scored = scored_mean(total)
+    graded = grade(completions, answers) if answers is not None else []
+    out = [({"rewards/mean": reward}, scored), ({"accuracy": sum(graded) / max(len(graded), 1)}, len(graded))]
+    return [({prefix + k: v for k, v in means.items()}, weight) for means, weight in out if weight > 0]
+
+
+def add_rewards(base: torch.Tensor | None, total: torch.Tensor) -> torch.Tensor:
+    """``base + total`` where ``total`` has a reward, ``base`` where it is NaN (no reward); ``total`` without a base.
+    Sums a reward model's scores (``base``) and a :class:`RewardComposer` total (PPO)."""
+    return total.clone() if base is None else base + torch.nan_to_num(total.to(base.dtype), nan=0.0)
 
 
 @dataclass
 class RewardResult:
-    """total: [N] float32, Σ weight * value (None counts 0). per_function: name -> [N] float32, NaN where None."""
+    """total: [N] float32, the sum of ``weight * value`` over the functions that scored each sample, NaN where none
+    did. per_function: name -> [N] float32 values, NaN where the function gave no reward (None or NaN)."""
 
     total: torch.Tensor
     per_function: dict[str, torch.Tensor]
 
+    @property
+    def scored(self) -> torch.Tensor:
+        """Bool [N]: the samples that got a reward from at least one function."""
+        return ~torch.isnan(self.total)
+
     def stats(self) -> dict[str, float]:
-        """``rewards/{name}/mean|std`` over non-None values, and ``rewards/mean|std|min|max`` of the total."""
+        """``rewards/{name}/mean|std`` over each function's rewards and :func:`reward_stats` of the total
+        (``rewards/mean|std|min|max`` over the scored samples, ``rewards/missing_frac``)."""
         out: dict[str, float] = {}
         for name, values in self.per_function.items():
             valid = values[~torch.isnan(values)]
             out[f"rewards/{name}/mean"] = valid.mean().item() if valid.numel() else math.nan
             out[f"rewards/{name}/std"] = valid.std(correction=0).item() if valid.numel() else math.nan
-        total = self.total
-        out.update({"rewards/mean": total.mean().item(), "rewards/std": total.std(correction=0).item()})
-        out.update({"rewards/min": total.min().item(), "rewards/max": total.max().item()})
-        return out
+        return {**out, **reward_stats(self.total)}
 
 
 def _short(text: str, limit: int = 300) -> str:
@@ -322,8 +400,15 @@ class RewardComposer:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate reward names {names}: wrap a variant in its own function to use it twice")
+        bad = [f"{s.name}: {s.weight}" for s in specs if not math.isfinite(s.weight)]
+        if bad:
+            raise ValueError(f"reward weights must be finite numbers, got {bad}")
         self.specs = list(specs)
         self.fns = [functools.partial(resolve_reward(s.name), **s.kwargs) for s in self.specs]
+
+    def check_weights(self, option: str) -> None:
+        """:func:`check_reward_weights` of this composer's weights (``option``: the setting, named in the error)."""
+        check_reward_weights([s.weight for s in self.specs], option)
 
     def _columns_for(self, spec: RewardSpec, fn: RewardFn, columns: dict[str, list]) -> dict[str, list]:
         unbound = {k: v for k, v in columns.items() if k not in spec.kwargs}
@@ -363,9 +448,17 @@ class RewardComposer:
             got = f"{len(values)} values" if hasattr(values, "__len__") else type(values).__name__
             raise ValueError(f"reward function {spec.name!r} returned {got} for {len(completions)} completions")
         try:
-            return [math.nan if v is None else float(v) for v in values]
+            out = [math.nan if v is None else float(v) for v in values]
         except (TypeError, ValueError) as err:
             raise ValueError(f"reward function {spec.name!r} returned a non-numeric value: {err}") from err
+        for i, v in enumerate(out):
+            if math.isinf(v):
+                raise RewardFunctionError(
+                    f"reward function {spec.name!r} returned {v} for sample {i} (prompt={_short(prompts[i])}, "
+                    f"completion={_short(completions[i])}): rewards must be finite; return None (or NaN) for "
+                    "'no reward for this sample'"
+                )
+        return out
 
     def __call__(self, prompts: list[str], completions: list[str], columns: dict | None = None) -> RewardResult:
         """Score N completions. ``columns``: dataset columns, each a list of length N."""
@@ -374,7 +467,7 @@ class RewardComposer:
         for key, col in {"prompts": prompts, **columns}.items():
             if len(col) != n:
                 raise ValueError(f"{key!r} has {len(col)} entries for {n} completions")
-        total = torch.zeros(n, dtype=torch.float32)
+        total, scored = torch.zeros(n, dtype=torch.float32), torch.zeros(n, dtype=torch.bool)
         per_function: dict[str, torch.Tensor] = {}
         for spec, fn in zip(self.specs, self.fns):
             values = torch.tensor(
@@ -382,4 +475,15 @@ class RewardComposer:
             ).reshape(n)
             per_function[spec.name] = values
             total += spec.weight * torch.nan_to_num(values, nan=0.0)
-        return RewardResult(total=total, per_function=per_function)
+            scored |= ~torch.isnan(values)
+        return RewardResult(total=torch.where(scored, total, math.nan), per_function=per_function)
+
+
+def check_reward_weights(weights: Sequence[float], option: str) -> None:
+    """Refuse a reward whose every weight is 0 (the total is constant: nothing to learn); ``option`` names the
+    setting in the error."""
+    if weights and all(w == 0 for w in weights):
+        raise ValueError(
+            f"{option} cannot learn: every reward weight is 0 ({list(weights)}), so every completion gets the same "
+            "reward and every advantage is 0. Give at least one reward a non-zero weight."
+        )

@@ -3,7 +3,8 @@
 The interface is one function, :data:`RolloutFn`: ``(lm, prompt_ids, prompt_mask, prompt_index, settings,
 eos_token_ids, pad_token_id, generator) -> Rollout`` (ids, masks, truncation flags, and where they come free the
 sampling logps and entropy). :func:`sample` is the built-in backend; another one (vLLM) registers in
-:data:`ROLLOUT_BACKENDS` and the stage does not change. :func:`decode` turns the completions into text.
+:data:`ROLLOUT_BACKENDS` and the stage does not change. :func:`decode` turns the completions into text;
+:func:`sample_completions` is the stages' one call (a backend on a batch of prompts, text decoded).
 
 How :func:`sample` works (one prefill, then one token per step for all rows):
 
@@ -17,7 +18,7 @@ How :func:`sample` works (one prefill, then one token per step for all rows):
    budget is spent (those rows are ``truncated``).
 
 Two hooks make the samples independent of how a batch is split over processes: ``noise`` gives each decode step's
-uniforms (a stage draws them for the global batch and keeps its own rows, :class:`lit_rlhf.distributed.GlobalBatchNoise`)
+uniforms (a stage draws them for the global batch, keeps its own rows: :class:`lit_rlhf.distributed.GlobalBatchNoise`)
 and ``all_done`` decides when decoding stops (under FSDP2 every rank must run every forward, so it must agree across
 ranks: :func:`lit_rlhf.distributed.all_ranks_done`). Without them: ``torch.rand`` from ``generator``, and this
 process's own rows.
@@ -30,15 +31,18 @@ usable in training) and in eval mode (dropout off), restoring the module's mode 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_rlhf.distributed import is_sharded
-from lit_rlhf.types import Rollout
+from lit_rlhf.distributed import GlobalBatchNoise, is_sharded, lockstep_done
+from lit_rlhf.logprobs import TokenLogps, response_logps, token_logps
+from lit_rlhf.models import eos_token_ids as eos_ids
+from lit_rlhf.models import merged_lora
+from lit_rlhf.types import PromptBatch, Rollout
 
 
 @dataclass
@@ -89,7 +93,10 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def choose_tokens(
-    logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None, uniforms: torch.Tensor | None = None
+    logits: torch.Tensor,
+    settings: SamplingSettings,
+    generator: torch.Generator | None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens [N], their logps [N] at the sampling temperature before filtering, entropy [N]) from logits [N, V].
 
@@ -140,11 +147,15 @@ def sample(
     if settings.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
     n, budget, device = prompt_index.numel(), settings.max_new_tokens, prompt_ids.device
-    no_grad = torch.no_grad() if is_sharded(lm) else torch.inference_mode()  # FSDP2 reuses its all-gather buffers in training
+    no_grad = (
+        torch.no_grad() if is_sharded(lm) else torch.inference_mode()
+    )  # FSDP2 reuses its all-gather buffers in training
     with eval_mode(lm), no_grad:
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = lm(
+            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        cache = out.cache
         cache.batch_select_indices(prompt_index)
         logits = out.logits[prompt_index, -1]
         attention_mask = prompt_mask[prompt_index]
@@ -170,17 +181,86 @@ def sample(
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)
             out = lm(
-                input_ids=response_ids[:, t : t + 1], attention_mask=attention_mask, position_ids=next_position + t,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
+                input_ids=response_ids[:, t : t + 1],
+                attention_mask=attention_mask,
+                position_ids=next_position + t,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
             )
             logits = out.logits[:, -1]
     outputs = (response_ids, response_mask, sample_logps, entropy)
     response_ids, response_mask, sample_logps, entropy = (x[:, :length].clone() for x in outputs)
-    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, prompt_index, (~done).clone(), sample_logps, entropy)
+    return Rollout(
+        prompt_ids, prompt_mask, response_ids, response_mask, prompt_index, (~done).clone(), sample_logps, entropy
+    )
 
 
 ROLLOUT_BACKENDS: dict[str, RolloutFn] = {"kv_cache": sample}
 """Name -> rollout backend, as selected in YAML (``rollout_backend``)."""
+
+
+def sample_completions(
+    lm: nn.Module,
+    tokenizer,
+    batch: PromptBatch,
+    group_size: int,
+    settings: SamplingSettings,
+    generator: torch.Generator | None,
+    backend: str = "kv_cache",
+) -> Rollout:
+    """``group_size`` completions per prompt of ``batch`` (a group's rows consecutive), with their texts: the sampling
+    step GRPO and PPO share. A completion ends at any EOS id of :func:`lit_rlhf.models.eos_token_ids`; LoRA is folded
+    into the weights for the decode (:func:`lit_rlhf.models.merged_lora`); the noise is drawn for the global batch
+    (:class:`lit_rlhf.distributed.GlobalBatchNoise`; without a generator: none, e.g. greedy decoding) and
+    FSDP2-sharded ranks decode in lockstep."""
+    num_prompts, eos_token_ids = batch.input_ids.shape[0], eos_ids(tokenizer, lm)
+    index = group_index(num_prompts, group_size, batch.input_ids.device)
+    noise = GlobalBatchNoise(generator, num_prompts, group_size) if generator is not None else None
+    with merged_lora(lm) as policy:  # a faster decode step: one matmul per adapted layer
+        rollout = ROLLOUT_BACKENDS[backend](
+            policy,
+            batch.input_ids,
+            batch.attention_mask,
+            index,
+            settings,
+            eos_token_ids,
+            tokenizer.pad_token_id,
+            generator,
+            all_done=lockstep_done(policy),
+            noise=noise,
+        )
+    rollout.prompts, rollout.completions = list(batch.prompts), decode(tokenizer, rollout)
+    return rollout
+
+
+def rollout_logps(
+    lm: nn.Module, rollout: Rollout, temperature: float, with_entropy: bool = False, no_cache: bool = False
+) -> TokenLogps:
+    """Logps [N, R] (with grad unless the caller disables it) of the rollout's completions under ``lm`` at the
+    sampling ``temperature``: each prompt run once and its completions on its KV cache
+    (:func:`lit_rlhf.logprobs.response_logps`), or with ``no_cache`` (gradient checkpointing) every row as one
+    sequence."""
+    r = rollout
+    if not no_cache:
+        return response_logps(
+            lm, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask, r.prompt_index, temperature, with_entropy
+        )
+    input_ids, attention_mask, loss_mask, position_ids = r.as_sequences()
+    out = token_logps(lm, input_ids, attention_mask, loss_mask, position_ids, temperature, with_entropy)
+    width = r.prompt_ids.shape[1]
+    return TokenLogps(out.logps[:, width:], None if out.entropy is None else out.entropy[:, width:])
+
+
+def completion_stats(rollout: Rollout) -> dict[str, float]:
+    """``completions/{mean,min,max}_length`` (tokens, EOS included) and ``completions/truncated_rate`` (no EOS)."""
+    lengths = rollout.completion_lengths.float()
+    return {
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/truncated_rate": rollout.truncated.float().mean().item(),
+    }
 
 
 def decode(tokenizer, rollout: Rollout) -> list[str]:
@@ -203,13 +283,20 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         parts = [getattr(r, name) for r in rollouts]
         if any(p is None for p in parts):
             return None
-        return torch.cat([F.pad(p, (width - p.shape[1], 0) if left else (0, width - p.shape[1]), value=value) for p in parts])
+        return torch.cat(
+            [F.pad(p, (width - p.shape[1], 0) if left else (0, width - p.shape[1]), value=value) for p in parts]
+        )
 
     offsets = torch.tensor([0] + [r.num_prompts for r in rollouts]).cumsum(0).tolist()
     return Rollout(
-        cat("prompt_ids", p_width, pad_token_id, True), cat("prompt_mask", p_width, 0, True),
-        cat("response_ids", r_width, pad_token_id, False), cat("response_mask", r_width, 0, False),
-        torch.cat([r.prompt_index + o for r, o in zip(rollouts, offsets)]), torch.cat([r.truncated for r in rollouts]),
-        cat("sample_logps", r_width, 0.0, False), cat("entropy", r_width, 0.0, False),
-        [p for r in rollouts for p in r.prompts], [c for r in rollouts for c in r.completions],
+        cat("prompt_ids", p_width, pad_token_id, True),
+        cat("prompt_mask", p_width, 0, True),
+        cat("response_ids", r_width, pad_token_id, False),
+        cat("response_mask", r_width, 0, False),
+        torch.cat([r.prompt_index + o for r, o in zip(rollouts, offsets)]),
+        torch.cat([r.truncated for r in rollouts]),
+        cat("sample_logps", r_width, 0.0, False),
+        cat("entropy", r_width, 0.0, False),
+        [p for r in rollouts for p in r.prompts],
+        [c for r in rollouts for c in r.completions],
     )

@@ -1,4 +1,5 @@
-"""Reward registry, built-in verifiers, composer (weights, None, errors) and the model-based reward."""
+"""Reward registry, built-in verifiers, composer (weights, None/NaN as "no reward", ±inf and other errors), the
+statistics over scored samples, and the model-based reward."""
 
 from __future__ import annotations
 
@@ -13,10 +14,19 @@ from lit_rlhf.rewards import (
     RewardComposer,
     RewardFunctionError,
     RewardSpec,
+    add_rewards,
+    answer_value,
+    check_reward_weights,
     extract_hash_answer,
     extract_xml_answer,
+    grade,
+    is_correct,
     parse_number,
+    predicted_value,
     resolve_reward,
+    reward_stats,
+    scored_mean,
+    validation_means,
 )
 
 GOOD = "<reasoning>\n2 + 2 = 4\n</reasoning>\n<answer>\n4\n</answer>\n"
@@ -112,7 +122,6 @@ def test_numeric_tolerance():
     assert fn(["p"], ["x"], ["n/a"]) == [None]
 
 
-
 def test_numeric_closeness():
     fn = REWARD_FUNCTIONS["numeric_closeness"]
     comps = ["The answer is 68.", "71", "<answer>58</answer> not 68", "no number", "  ", "68"]
@@ -124,6 +133,70 @@ def test_numeric_closeness():
     assert fn(["p"], ["70"], [68], scale=2.0) == [pytest.approx(math.exp(-1.0))]
     with pytest.raises(ValueError, match="scale"):
         fn(["p"], ["70"], [68], scale=0.0)
+
+
+# ------------------------------------------------------------------------------------------- the one verifier
+@pytest.mark.parametrize(
+    "answer, value",
+    [
+        (72, 72),
+        (2.5, 2.5),
+        (72.0, 72.0),
+        ("72", 72),
+        ("Natalia sold 24 clips.\n#### 72", 72),
+        ("#### 1,234", 1234),
+        ("-3.5", -3.5),
+        (torch.tensor(7), 7),
+        (torch.tensor(0.5), 0.5),
+        ("no number", None),
+        (None, None),
+        (True, None),
+        (["72"], None),
+        ("#### ", None),
+    ],
+)
+def test_answer_value(answer, value):
+    """GSM8K: the number after the last '####'; other strings: their last number; numbers (and 0-d tensors) as they
+    are, integral ones as int; anything else: None."""
+    got = answer_value(answer)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize(
+    "completion, value",
+    [
+        ("The answer is 85.", 85.0),
+        ("82 + 18 = 100\n\n", 100.0),
+        ("5-3", 3.0),
+        ("1,2", 2.0),
+        ("<answer>7</answer> 9", 7.0),
+        ("<answer>none</answer> 9", None),
+        ("", None),
+    ],
+)
+def test_predicted_value(completion, value):
+    """The last number of the <answer> tag, else of the text; "5-3" reads 3 (a minus after a word character or digit is
+    subtraction) and "1,2" reads 2 (commas group thousands only in threes)."""
+    assert predicted_value(completion) == value
+
+
+def test_is_correct_and_grade_are_the_one_rule():
+    """is_correct: exact by default, tolerances as in numeric_tolerance, None (ungraded) without a numeric answer;
+    grade: the graded pairs only; numeric_correctness is is_correct as 0/1/None."""
+    assert is_correct("it is 72", "#### 72") is True and is_correct("it is 73", 72) is False
+    assert is_correct("it is 72", None) is None and is_correct("no number", 72) is False
+    assert is_correct("3.14", 3.14159, tolerance=0.01) is True and is_correct("101", 100, rel_tolerance=0.001) is False
+    completions, answers = ["72", "5", "no", "9"], [72, 6, 1, None]
+    assert grade(completions, answers) == [True, False, False]
+    assert REWARD_FUNCTIONS["numeric_correctness"](["p"] * 4, completions, answers) == [1.0, 0.0, 0.0, None]
+    with pytest.raises(ValueError):
+        grade(["72"], [72, 5])  # misaligned columns are an error, not a silent truncation
+
+
+def test_default_rewards_are_correctness_plus_half_closeness():
+    assert [(s.name, s.weight) for s in R.DEFAULT_REWARDS] == [("numeric_correctness", 1.0), ("numeric_closeness", 0.5)]
+    result = RewardComposer(R.DEFAULT_REWARDS)(["p", "p"], ["68", "71"], {"answer": [68, 68]})
+    assert result.total.tolist() == pytest.approx([1.5, 0.5 * math.exp(-0.3)])
 
 
 # ---------------------------------------------------------------------------------------------------- format
@@ -295,9 +368,88 @@ def test_composer_weights_none_and_stats():
 
 
 def test_stats_all_none_is_nan():
+    """No function scored the sample: its total is NaN ("no reward", not 0), every statistic NaN, missing_frac 1."""
     result = RewardComposer([RewardSpec("numeric_correctness")])(["p"], ["1"], {"answer": [None]})
     stats = result.stats()
-    assert math.isnan(stats["rewards/numeric_correctness/mean"]) and result.total.tolist() == [0.0]
+    assert math.isnan(stats["rewards/numeric_correctness/mean"]) and math.isnan(result.total.item())
+    assert result.scored.tolist() == [False]
+    assert math.isnan(stats["rewards/mean"]) and math.isnan(stats["rewards/std"])
+    assert stats["rewards/missing_frac"] == 1.0
+
+
+def gappy_a(prompts, completions):
+    return [1.0, None, float("nan"), 4.0, None]
+
+
+def gappy_b(prompts, completions):
+    return [2.0, 3.0, 5.0, None, float("nan")]
+
+
+def test_none_and_nan_mean_no_reward_from_that_function():
+    """a = [1, None, NaN, 4, None] (weight 1), b = [2, 3, 5, None, NaN] (weight 0.5): None and NaN are both "no
+    reward"; the total sums the weighted rewards that exist: [1 + 1, 1.5, 2.5, 4, NaN] (the last sample has none).
+    Statistics are over the 4 scored samples: mean 10 / 4 = 2.5, population std sqrt((0.25 + 1 + 0 + 2.25) / 4),
+    min 1.5, max 4; missing_frac 1 / 5. Per function: a over [1, 4], b over [2, 3, 5]."""
+    composer = RewardComposer([RewardSpec(f"{__name__}:gappy_a"), RewardSpec(f"{__name__}:gappy_b", weight=0.5)])
+    result = composer(["p"] * 5, ["c"] * 5)
+    torch.testing.assert_close(result.total, torch.tensor([2.0, 1.5, 2.5, 4.0, math.nan]), equal_nan=True)
+    assert result.scored.tolist() == [True, True, True, True, False]
+    stats = result.stats()
+    assert stats["rewards/mean"] == pytest.approx(2.5) and stats["rewards/std"] == pytest.approx(math.sqrt(3.5 / 4))
+    assert (stats["rewards/min"], stats["rewards/max"], stats["rewards/missing_frac"]) == (1.5, 4.0, 0.2)
+    assert stats[f"rewards/{__name__}:gappy_a/mean"] == pytest.approx(2.5)
+    assert stats[f"rewards/{__name__}:gappy_b/mean"] == pytest.approx(10 / 3)
+
+
+def test_reward_stats_scored_mean_and_add_rewards():
+    """[1, NaN, 3]: mean 2 over the 2 scored, population std 1, missing 1/3; scored_mean (2, 2); an empty batch has
+    no missing sample. add_rewards: base + total where total has a reward, base where it has none."""
+    total = torch.tensor([1.0, math.nan, 3.0])
+    stats = reward_stats(total)
+    assert [stats[f"rewards/{k}"] for k in ("mean", "std", "min", "max")] == [2.0, 1.0, 1.0, 3.0]
+    assert stats["rewards/missing_frac"] == pytest.approx(1 / 3)
+    assert reward_stats(torch.tensor([]))["rewards/missing_frac"] == 0.0
+    mean, count = scored_mean(total)
+    assert (float(mean), count) == (2.0, 2)
+    assert [float(v) for v in scored_mean(torch.tensor([math.nan]))] == [0.0, 0.0]
+    torch.testing.assert_close(add_rewards(torch.tensor([0.5, 0.5, 0.5]), total), torch.tensor([1.5, 0.5, 3.5]))
+    torch.testing.assert_close(add_rewards(None, total), total, equal_nan=True)
+
+
+def test_validation_means_weights_each_mean_by_what_it_is_over():
+    """Rewards [1, NaN, 0.5] and answers [4, 5, None] with completions "4", "6", "7": rewards/mean 0.75 over the 2
+    scored (weight 2); accuracy 1/2 over the 2 graded (weight 2). Nothing scored or graded: nothing returned."""
+    means = validation_means(torch.tensor([1.0, math.nan, 0.5]), ["4", "6", "7"], [4, 5, None])
+    assert [({k: float(v) for k, v in m.items()}, w) for m, w in means] == [
+        ({"val/rewards/mean": 0.75}, 2),
+        ({"val/accuracy": 0.5}, 2),
+    ]
+    assert validation_means(torch.tensor([math.nan]), ["4"], None) == []
+    assert validation_means(torch.tensor([1.0]), ["4"], [None], prefix="") == [({"rewards/mean": torch.tensor(1.0)}, 1)]
+
+
+def infinite_reward(prompts, completions):
+    return [0.0, float("inf")] if len(completions) == 2 else [-math.inf]
+
+
+def test_an_infinite_reward_is_an_error_naming_function_and_sample():
+    composer = RewardComposer([RewardSpec("strict_format"), RewardSpec(f"{__name__}:infinite_reward")])
+    with pytest.raises(RewardFunctionError) as info:
+        composer(["first prompt", "second prompt"], ["ok", "too good"])
+    msg = str(info.value)
+    assert f"reward function '{__name__}:infinite_reward' returned inf for sample 1" in msg
+    assert "prompt='second prompt'" in msg and "completion='too good'" in msg and "must be finite" in msg
+    with pytest.raises(RewardFunctionError, match=r"returned -inf for sample 0 \(prompt='p'"):
+        composer(["p"], ["c"])
+
+
+def test_reward_weights_must_be_finite_and_not_all_zero():
+    with pytest.raises(ValueError, match=r"must be finite numbers, got \['strict_format: inf'\]"):
+        RewardComposer([RewardSpec("strict_format", weight=math.inf)])
+    with pytest.raises(ValueError, match=r"model\.rewards cannot learn: every reward weight is 0 \(\[0\.0, 0\]\)"):
+        check_reward_weights([0.0, 0], "model.rewards")
+    check_reward_weights([0.0, 0.5], "model.rewards")
+    check_reward_weights([], "model.rewards")  # no reward at all is the stages' own error
 
 
 def test_composer_passes_only_accepted_columns():

@@ -1,29 +1,37 @@
 """Group Relative Policy Optimization (GRPO; Shao et al. 2024, DeepSeekMath §4.1.2, Eq. 3) and its variants.
 
 For every prompt q the current policy samples G completions o_1..o_G; reward functions score them (r_i) and each
-completion gets the group-relative advantage A_i = (r_i - mean(r)) / (std(r) + eps), shared by all its tokens (seed
-000 §7.2.1, seed 002 §4.2). The loss (Eq. 3; seed 000 §7.2.3), with rho_it = pi(o_it | q, o_i<t) / pi_old(...):
+completion gets the group-relative advantage A_i = (r_i - mean(r)) / (std(r) + eps), shared by all its tokens
+(DeepSeekMath §4.1.2). The loss (Eq. 3; KL_k3 is its Eq. 4 estimator), with rho_it = pi(o_it | q, o_i<t) / pi_old(...):
 
     -1/G sum_i 1/|o_i| sum_t [ min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) - beta KL_k3(pi || pi_ref) ]
 
 Variants are picked by name: ``loss`` = grpo | dapo (token-level mean) | dr_grpo (constant normaliser; use it with
 ``scale_rewards=none``) | gspo (sequence ratio), see :mod:`lit_rlhf.losses.policy`; ``advantage_estimator`` = group |
 rloo. ``beta = 0`` loads no reference. The reference is the policy with its LoRA adapter disabled, or a frozen copy.
+A completion no reward function scored (all None/NaN) is left out of its group's statistics and gets advantage 0.
+Settings that cannot learn (``num_generations`` < 2, ...) are refused at construction
+(:func:`lit_rlhf.advantages.check_grpo_settings`).
 
-``training_step`` is the whole algorithm, top to bottom: (1) sample G completions per prompt (KV-cached sampler,
-:mod:`lit_rlhf.rollout`), (2) score, (3) advantages, where groups whose rewards are all equal (zero advantage) are
-counted and then kept, dropped, or replaced (DAPO dynamic sampling, Yu et al. 2025 §3.2: fresh prompts are sampled
-until the batch holds ``batch_size`` groups with signal, at most ``max_resample_rounds`` extra rounds), (4) old logps
-(only when ``num_iterations`` mu > 1; with mu = 1 the ratio is exactly 1 and ``old_logps = logps.detach()``) and
-reference logps, (5) mu iterations over the batch in minibatches with gradient accumulation, clipping and one
-optimizer step per iteration, (6) log. Each minibatch loss is weighted by its share of the batch's normaliser
-(sequences, or tokens for dapo), summed over all ranks, so any minibatch size and any number of DDP ranks give the
-full-batch loss and gradient. Each rank samples all G completions of its own prompts: a group never spans ranks;
-the sampling noise is drawn for the global batch (:class:`lit_rlhf.distributed.GlobalBatchNoise`), so 1 or W processes
-sample the same completions. FSDP2 (``--trainer.strategy=fsdp2``) shards the policy and the frozen reference; the
-ranks' decode loops run in lockstep, and it needs ``zero_variance_groups=keep`` (equal forwards on every rank).
+``training_step`` is the whole algorithm, top to bottom: (1) sample G completions per prompt
+(:func:`lit_rlhf.rollout.sample_completions`), (2) score, (3) advantages; groups whose rewards are all equal are
+counted, then kept, dropped, or replaced (DAPO dynamic sampling, Yu et al. 2025 §3.2: fresh prompts until the batch
+holds ``batch_size`` groups with signal, at most ``max_resample_rounds`` extra rounds), (4) old logps (mu =
+``num_iterations`` > 1 only; with mu = 1 the ratio is exactly 1) and reference logps, (5) mu passes over the batch in
+minibatches with gradient accumulation, clipping and one optimizer step per pass, (6) log.
 
-Validation decodes the held-out prompts greedily and reports ``val/accuracy`` (last number == answer) and rewards.
+One training step is one rollout batch: ``trainer.max_steps``, ``trainer.global_step``, the progress bar and the W&B
+step count rollout batches whatever mu (:func:`lit_rlhf.optim.clip_and_step` counts the first of the mu optimizer
+steps); the learning-rate schedule steps once per optimizer step, over ``max_steps`` x mu steps.
+
+Each minibatch loss is weighted by its share of the global normaliser (sequences, or tokens for dapo;
+:func:`lit_rlhf.distributed.global_normalizer`), so any minibatch size and number of ranks give the full-batch
+gradient. A group never spans ranks and the sampling noise is drawn for the global batch, so 1 or W processes sample
+the same completions. FSDP2 (``--trainer.strategy=fsdp2``) shards the policy and the frozen reference; the ranks
+decode in lockstep, which needs ``zero_variance_groups=keep`` (equal forwards on every rank).
+
+Validation decodes the held-out prompts greedily and reports ``val/accuracy`` (the answer verifier,
+:func:`lit_rlhf.rewards.is_correct`) and rewards.
 
     python -m lit_rlhf.experiments.grpo                                   # SmolLM2-135M + LoRA, arithmetic, CPU
     python -m lit_rlhf.experiments.grpo --config experiments/grpo/tiny.yaml --output_dir runs/grpo-tiny
@@ -41,25 +49,21 @@ import lightning as L
 import torch
 
 from lit_rlhf import models
-from lit_rlhf.advantages import group_advantages, rloo_advantages, zero_variance_groups
-from lit_rlhf.callbacks import log_table
+from lit_rlhf.advantages import check_grpo_settings, group_advantages, rloo_advantages, zero_variance_groups
 from lit_rlhf.checkpointing import capture_rng, restore_rng
-from lit_rlhf.data.tasks import is_correct
-from lit_rlhf.distributed import GlobalBatchNoise, fully_shard_lm, lockstep_done
-from lit_rlhf.logprobs import TokenLogps, masked_mean, response_logps, token_logps
+from lit_rlhf.distributed import fully_shard_lm, global_normalizer, row_chunks
+from lit_rlhf.logprobs import TokenLogps, masked_mean
 from lit_rlhf.losses import GRPO_LOSSES
-from lit_rlhf.metrics import PhaseMeans, Throughput, model_flop_counts, training_flops
-from lit_rlhf.optim import OptimizerSettings, build_optimizer, trainable_state_dict
-from lit_rlhf.rewards import RewardComposer, RewardResult, RewardSpec
-from lit_rlhf.rollout import ROLLOUT_BACKENDS, SamplingSettings, concat_rollouts, decode, group_index
+from lit_rlhf.metrics import PhaseMeans, Throughput, log_table, model_flop_counts, training_flops
+from lit_rlhf.optim import OptimizerSettings, build_optimizer, clip_and_step, trainable_state_dict
+from lit_rlhf.rewards import DEFAULT_REWARDS, RewardComposer, RewardResult, RewardSpec, validation_means
+from lit_rlhf.rollout import SamplingSettings, completion_stats, concat_rollouts, rollout_logps, sample_completions
 from lit_rlhf.types import PromptBatch, Rollout
-
-DEFAULT_REWARDS = (RewardSpec("numeric_correctness", 1.0), RewardSpec("numeric_closeness", 0.5))
-"""``rewards: null``: correctness (the last number, or the ``<answer>`` tag, equals the answer) + half of the shaped
-closeness ``exp(-|pred - answer| / 10)``, which gives groups reward variance before any answer is exactly right."""
 
 
 class GRPOModule(L.LightningModule):
+    """Group relative policy optimisation and its loss variants (DAPO, Dr. GRPO, GSPO, CISPO, SAPO, dual clip)."""
+
     def __init__(
         self,
         policy: models.ModelSpec = models.ModelSpec(),
@@ -88,7 +92,7 @@ class GRPOModule(L.LightningModule):
         Args:
             policy: the model to train (name, dtype, LoRA); the reference is derived from it.
             rewards: reward functions (registry name or import path), weights and bound arguments, summed;
-                ``null``: :data:`DEFAULT_REWARDS` (numeric_correctness 1.0 + numeric_closeness 0.5).
+                ``null``: :data:`lit_rlhf.rewards.DEFAULT_REWARDS` (numeric_correctness 1.0 + numeric_closeness 0.5).
             num_generations: G, completions sampled per prompt (the group).
             sampling: temperature, top-p, top-k and token budget of the training rollouts (validation is greedy with
                 the same budget). The loss takes logps at this temperature.
@@ -112,44 +116,36 @@ class GRPOModule(L.LightningModule):
             table_every_n_steps: training steps between table additions (0: no table).
         """
         super().__init__()
+        self.strict_loading = False  # checkpoints hold only trainable weights (set before FSDP2 loads)
         self.save_hyperparameters()
         self.automatic_optimization = False
         if sampling.temperature <= 0:
-            raise ValueError("training needs sampling.temperature > 0 (temperature 0 is greedy decoding)")
-        if num_generations < 2 and (advantage_estimator == "rloo" or scale_rewards == "group"):
-            raise ValueError(f"num_generations={num_generations}: group statistics need at least 2 completions per prompt")
+            raise ValueError(f"model.sampling.temperature={sampling.temperature}: training samples, so it needs > 0")
+        check_grpo_settings(num_generations, advantage_estimator, scale_rewards, num_iterations, beta)
         self.spec, self.sampling, self.optim_settings = policy, sampling, optimizer
+        self.tokenizer = models.load_tokenizer(policy.name, policy.revision)
         self.rewards = RewardComposer(DEFAULT_REWARDS if rewards is None else rewards)
+        self.rewards.check_weights("model.rewards")  # all 0: every advantage 0
         extra = {"max_length": sampling.max_new_tokens} if loss == "dr_grpo" else {}
-        self.loss_fn = functools.partial(
-            GRPO_LOSSES[loss], epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, kl_estimator=kl_estimator, **extra
-        )
+        clip = {"epsilon_low": epsilon_low, "epsilon_high": epsilon_high}
+        self.loss_fn = functools.partial(GRPO_LOSSES[loss], **clip, beta=beta, kl_estimator=kl_estimator, **extra)
         self.advantage_fn = {
             "group": functools.partial(group_advantages, group_size=num_generations, scale=scale_rewards),
             "rloo": functools.partial(rloo_advantages, group_size=num_generations),
         }[advantage_estimator]
-        self.rollout_fn = ROLLOUT_BACKENDS[rollout_backend]
-        self.policy: torch.nn.Module | None = None
-        self.frozen_reference: torch.nn.Module | None = None
+        self.policy, self.frozen_reference = None, None  # built in configure_model
         self.val_means = PhaseMeans()
         self.throughput = Throughput(peak_flops)
-        self._train_rows: list[list] = []
-        self._val_rows: list[list] = []
-        self._generator: torch.Generator | None = None
-        self._sampling_state: torch.Tensor | None = None
-        self._refill = None
+        self._train_rows, self._val_rows = [], []  # W&B sample-table rows
+        self._generator, self._sampling_state, self._refill = None, None, None  # on_fit_start, on_load_checkpoint
 
     # -- networks -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        if self.device_mesh is not None and self.hparams.zero_variance_groups != "keep":  # ranks would differ in forwards
+        if self.device_mesh is not None and self.hparams.zero_variance_groups != "keep":
             raise ValueError("under FSDP2 (every forward is collective) GRPO needs zero_variance_groups=keep")
         self.policy = models.load_causal_lm(self.spec)
-        self.tokenizer = models.load_tokenizer(self.spec.name, self.spec.revision)
-        eos = getattr(getattr(self.policy, "generation_config", None), "eos_token_id", None)  # e.g. Qwen: two ids
-        eos = [self.tokenizer.eos_token_id] + (eos if isinstance(eos, list) else [eos])
-        self.eos_token_ids = sorted({i for i in eos if i is not None})
         if self.spec.lora is None and self.hparams.beta > 0:
             self.frozen_reference = models.frozen_copy(self.policy)
         self._flop_counts = model_flop_counts(self.policy)
@@ -158,30 +154,7 @@ class GRPOModule(L.LightningModule):
                 if net is not None:
                     fully_shard_lm(net, self.device_mesh)
 
-    def logps(self, lm: torch.nn.Module, rollout: Rollout, with_entropy: bool = False) -> TokenLogps:
-        """Token logps [n, R] of the completions at the sampling temperature (prompt once, completions on its cache)."""
-        temperature = self.sampling.temperature
-        if not self.spec.gradient_checkpointing:
-            r = rollout
-            return response_logps(lm, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask, r.prompt_index, temperature, with_entropy)
-        input_ids, attention_mask, loss_mask, position_ids = rollout.as_sequences()  # checkpointing: no KV cache
-        out = token_logps(lm, input_ids, attention_mask, loss_mask, position_ids, temperature, with_entropy)
-        width = rollout.prompt_ids.shape[1]
-        return TokenLogps(out.logps[:, width:], None if out.entropy is None else out.entropy[:, width:])
-
-    @torch.no_grad()
-    def frozen_logps(self, lm: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
-        """No-grad logps [N, R] in the training minibatches (bounded memory): old or reference logps."""
-        return torch.cat([self.logps(lm, rollout.select(rows)).logps for rows in self.minibatches(len(rollout)) if len(rows)])
-
-    # -- training -------------------------------------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        if self._generator is None:  # sampling noise: one stream for the global batch (same on every rank), restored on resume
-            self._generator = torch.Generator(device=self.device).manual_seed(int(torch.initial_seed()))
-            if self._sampling_state is not None:  # resumed: on the training device (set in on_load_checkpoint)
-                self._generator.set_state(self._sampling_state)
-        self.throughput.start()
-
+    # -- training: the algorithm, then its steps in call order ---------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp, started = self.hparams, time.perf_counter()
         # 1. sample G completions per prompt from the current policy (no grad; prompt encoded once)
@@ -189,7 +162,8 @@ class GRPOModule(L.LightningModule):
         generated = time.perf_counter()
         # 2. score every completion with the reward functions
         scores = self.score(rollout, batch.extras)
-        sampled = _rollout_stats(rollout, scores, hp.num_generations)
+        zero_std = zero_variance_groups(scores.total, hp.num_generations).float().mean().item()
+        sampled = {**scores.stats(), **completion_stats(rollout), "frac_zero_std_groups": zero_std}
         # 3. group-relative advantages; groups with all-equal rewards are kept, dropped or resampled (DAPO)
         rollout, scores, resampled = self.filter_groups(rollout, scores)
         advantages = self.advantage_fn(scores.total.to(self.device)) if len(rollout) else scores.total
@@ -200,23 +174,17 @@ class GRPOModule(L.LightningModule):
             with models.reference_policy(self.policy, self.frozen_reference) as ref:
                 ref_logps = self.frozen_logps(ref, rollout)
         scored = time.perf_counter()
-        # 5. mu iterations x minibatches: accumulate gradients, clip, one optimizer step per iteration
+        # 5. mu iterations x minibatches: accumulate gradients, clip, one optimizer step per iteration (one global step)
         update = self.update(rollout, advantages, old_logps, ref_logps)
         # 6. log
-        timing = {"generation_s": generated - started, "scoring_s": scored - generated, "update_s": time.perf_counter() - scored}
+        timing = {"generation_s": generated - started, "scoring_s": scored - generated}
+        timing["update_s"] = time.perf_counter() - scored
         self.log_step(rollout, scores, advantages, {**sampled, **resampled, **update}, timing)
 
     def sample(self, batch: PromptBatch, group_size: int, settings: SamplingSettings | None = None) -> Rollout:
         """``group_size`` completions per prompt (rows of a group consecutive), decoded."""
-        index = group_index(batch.input_ids.shape[0], group_size, self.device)
-        noise = GlobalBatchNoise(self._generator, batch.input_ids.shape[0], group_size) if self._generator is not None else None
-        with models.merged_lora(self.policy) as policy:  # LoRA folded into the weights: a faster decode step
-            rollout = self.rollout_fn(
-                policy, batch.input_ids, batch.attention_mask, index, settings or self.sampling, self.eos_token_ids,
-                self.tokenizer.pad_token_id, self._generator, all_done=lockstep_done(policy), noise=noise,
-            )
-        rollout.prompts, rollout.completions = list(batch.prompts), decode(self.tokenizer, rollout)
-        return rollout
+        settings, backend = settings or self.sampling, self.hparams.rollout_backend
+        return sample_completions(self.policy, self.tokenizer, batch, group_size, settings, self._generator, backend)
 
     def score(self, rollout: Rollout, extras: dict[str, list]) -> RewardResult:
         """Rewards [N] of the completions; dataset columns are repeated for each completion of a prompt."""
@@ -243,11 +211,31 @@ class GRPOModule(L.LightningModule):
         stats = {"groups_kept_frac": len(keep) / (want * g), "resample_rounds": len(results) - 1.0}
         return rollout, RewardResult(total[keep], per_function), stats
 
+    def _refill_stream(self):
+        if self._refill is None:
+            dm = self.trainer.datamodule
+            if dm is None or not hasattr(dm, "refill_batches"):
+                raise ValueError("zero_variance_groups=resample needs a PromptDataModule (it draws fresh prompts)")
+            self._refill = dm.refill_batches(self.global_rank, self.trainer.world_size)
+        return self._refill
+
+    @torch.no_grad()
+    def frozen_logps(self, lm: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+        """No-grad logps [N, R] in the training minibatches (bounded memory): old or reference logps."""
+        chunks = row_chunks(len(rollout), self.hparams.minibatch_size, self.device)
+        return torch.cat([self.logps(lm, rollout.select(rows)).logps for rows in chunks if len(rows)])
+
+    def logps(self, lm: torch.nn.Module, rollout: Rollout, with_entropy: bool = False) -> TokenLogps:
+        """Token logps [n, R] of the completions at the sampling temperature (without the KV cache when
+        checkpointing gradients)."""
+        return rollout_logps(lm, rollout, self.sampling.temperature, with_entropy, self.spec.gradient_checkpointing)
+
     def update(self, rollout: Rollout, advantages, old_logps, ref_logps) -> dict[str, float]:
-        """mu passes over the batch; returns the mean loss and loss metrics over all passes."""
+        """mu passes over the batch, one optimizer and scheduler step each (the first counted: one global step per
+        rollout batch); returns the mean loss and loss metrics over all passes."""
         opt, scheduler = self.optimizers(), self.lr_schedulers()
         weights = self._loss_weights(rollout)
-        chunks = self.minibatches(len(rollout), same_count_on_all_ranks=True)
+        chunks = row_chunks(len(rollout), self.hparams.minibatch_size, self.device, same_count_on_all_ranks=True)
         totals: dict[str, float] = {}
 
         def add(name: str, value, weight: float) -> None:
@@ -271,38 +259,18 @@ class GRPOModule(L.LightningModule):
                 if first and entropy is not None:  # per pass-0 metrics: entropy, sampler vs trainer logps
                     add("entropy", masked_mean(entropy, mb.response_mask), weight)
                 if first and mb.sample_logps is not None:
-                    add("logps/sampler_abs_diff", masked_mean((out.logps.detach() - mb.sample_logps).abs(), mb.response_mask), weight)
-            if self.hparams.max_grad_norm is not None:
-                self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                    diff = (out.logps.detach() - mb.sample_logps).abs()
+                    add("logps/sampler_abs_diff", masked_mean(diff, mb.response_mask), weight)
+            clip_and_step(self, opt, self.hparams.max_grad_norm, count=iteration == 0)
             scheduler.step()
         return {"loss": 0.0, **totals}
-
-    def minibatches(self, n: int, same_count_on_all_ranks: bool = False) -> list[torch.Tensor]:
-        """Row chunks of ``minibatch_size`` (trailing empty chunks so every rank runs the same number)."""
-        size = self.hparams.minibatch_size or max(n, 1)
-        count = -(-n // size)
-        if same_count_on_all_ranks and self.trainer.world_size > 1:
-            count = int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="max"))
-        return [torch.arange(i * size, min(n, (i + 1) * size), device=self.device) for i in range(count)]
 
     def _loss_weights(self, rollout: Rollout) -> torch.Tensor:
         """Per-row weights [N]: the row's units of the loss normaliser (1 per sequence, or its tokens for dapo)
         over their mean per rank, so minibatch losses sum (and DDP averages) to the full-batch loss."""
-        units = rollout.completion_lengths.float() if self.hparams.loss == "dapo" else torch.ones(len(rollout), device=self.device)
-        total = units.sum()
-        if self.trainer.world_size > 1:
-            total = self.trainer.strategy.reduce(total, reduce_op="sum") / self.trainer.world_size
-        return units / total.clamp(min=1e-8)
-
-    def _refill_stream(self):
-        if self._refill is None:
-            dm = self.trainer.datamodule
-            if dm is None or not hasattr(dm, "refill_batches"):
-                raise ValueError("zero_variance_groups=resample needs a PromptDataModule (it draws fresh prompts)")
-            self._refill = dm.refill_batches(self.global_rank, self.trainer.world_size)
-        return self._refill
+        dapo = self.hparams.loss == "dapo"
+        units = rollout.completion_lengths.float() if dapo else torch.ones(len(rollout), device=self.device)
+        return units / global_normalizer(units.sum())
 
     # -- logging --------------------------------------------------------------------------------------------------
     def log_step(self, rollout: Rollout, scores: RewardResult, advantages, stats: dict, timing: dict) -> None:
@@ -311,15 +279,13 @@ class GRPOModule(L.LightningModule):
         self.log("train/loss", stats["loss"], prog_bar=True, sync_dist=sync, batch_size=max(n, 1))
         self.log_dict({f"perf/{k}": v for k, v in timing.items()}, batch_size=max(n, 1))
         tokens = int(rollout.prompt_mask.sum() + rollout.response_mask.sum()) if n else 0
-        perf = self.throughput.step(n, tokens, self._step_flops(rollout) if n else 0.0)
-        if "perf/samples_per_s" in perf:
-            perf["perf/completions_per_s"] = perf.pop("perf/samples_per_s")
+        perf = self.throughput.step(n, tokens, self._step_flops(rollout) if n else 0.0)  # samples: completions
         self.log_dict(perf, batch_size=max(n, 1))
-        every, step = self.hparams.table_every_n_steps, self.global_step // self.hparams.num_iterations
+        every, step = self.hparams.table_every_n_steps, self.global_step  # this step's rollout batch, counted
         if every and n and (step - 1) % every == 0:
             for i in range(0, n, max(1, n // self.hparams.table_rows))[: self.hparams.table_rows]:
-                p = rollout.prompts[int(rollout.prompt_index[i])]
-                self._train_rows.append([self.global_step, p, rollout.completions[i], float(scores.total[i]), float(advantages[i])])
+                p, reward = rollout.prompts[int(rollout.prompt_index[i])], float(scores.total[i])
+                self._train_rows.append([self.global_step, p, rollout.completions[i], reward, float(advantages[i])])
             columns = ["step", "prompt", "completion", "reward", "advantage"]
             log_table(self.trainer, "train/samples", columns, self._train_rows, step=self.global_step)
 
@@ -337,30 +303,34 @@ class GRPOModule(L.LightningModule):
         greedy = SamplingSettings(max_new_tokens=self.sampling.max_new_tokens, temperature=0.0)
         rollout = self.sample(batch, 1, greedy)
         scores = self.score(rollout, batch.extras)
-        n = len(rollout)
-        values = {
-            "val/rewards/mean": scores.total.mean(),
-            "val/completions/mean_length": rollout.completion_lengths.float().mean(),
-            "val/completions/truncated_rate": rollout.truncated.float().mean(),
-        }
-        means = self.val_means.update(values, weight=n)
+        n, lengths = len(rollout), rollout.completion_lengths.float()
+        values = {"val/completions/mean_length": lengths.mean(), "val/completions/truncated_rate": rollout.truncated}
+        means = self.val_means.update({k: v.float().mean() for k, v in values.items()}, weight=n)
         answers = batch.extras.get("answer", [None] * n)
-        graded = [is_correct(c, a) for c, a in zip(rollout.completions, answers) if a is not None]
-        if graded:
-            means.update(self.val_means.update({"val/accuracy": sum(graded) / len(graded)}, weight=len(graded)))
+        for values, weight in validation_means(scores.total, rollout.completions, answers):  # rewards/mean, accuracy
+            means.update(self.val_means.update(values, weight=weight))
         self.log_dict(means, on_epoch=True, on_step=False, batch_size=n)
         for i in range(min(n, self.hparams.table_rows - len(self._val_rows))):
             self._val_rows.append([batch.prompts[i], rollout.completions[i], answers[i], float(scores.total[i])])
 
     def on_validation_epoch_end(self) -> None:
         if self._val_rows and not self.trainer.sanity_checking:
-            log_table(self.trainer, "val/samples", ["prompt", "completion", "answer", "reward"], self._val_rows, step=self.global_step)
+            columns = ["prompt", "completion", "answer", "reward"]
+            log_table(self.trainer, "val/samples", columns, self._val_rows, step=self.global_step)
         self._val_rows = []
 
-    # -- optimizer, checkpoints, export ---------------------------------------------------------------------------
+    # -- hooks: sampling generator, optimizer, checkpoints, export -----------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self._generator is None:  # sampling noise: one stream for the global batch (every rank), restored on resume
+            self._generator = torch.Generator(device=self.device).manual_seed(int(torch.initial_seed()))
+            if self._sampling_state is not None:  # resumed: on the training device (set in on_load_checkpoint)
+                self._generator.set_state(self._sampling_state)
+        self.throughput.start()
+
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        return build_optimizer(params, self.optim_settings, self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches * self.hparams.num_iterations  # mu scheduler steps per step
+        return build_optimizer(params, self.optim_settings, total)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
@@ -370,24 +340,10 @@ class GRPOModule(L.LightningModule):
         checkpoint["train_table_rows"] = list(self._train_rows)  # each table version holds every row so far
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.strict_loading = False
         restore_rng(checkpoint.get("rng"))
         self._generator, self._sampling_state = None, checkpoint.get("sampling_rng")
         self._train_rows = [list(row) for row in checkpoint.get("train_table_rows", [])]
 
-    def export(self, out_dir: Path) -> dict[str, str]:
-        return models.export_pretrained(self.policy, self.tokenizer, out_dir, self.spec, self.trainer.is_global_zero)
-
-
-def _rollout_stats(rollout: Rollout, scores: RewardResult, group_size: int) -> dict[str, float]:
-    """Metrics of what the policy sampled (before any group filtering): rewards, lengths, truncation, constant groups."""
-    lengths = rollout.completion_lengths.float()
-    return {
-        **scores.stats(),
-        "completions/mean_length": lengths.mean().item(),
-        "completions/min_length": lengths.min().item(),
-        "completions/max_length": lengths.max().item(),
-        "completions/truncated_rate": rollout.truncated.float().mean().item(),
-        "frac_zero_std_groups": zero_variance_groups(scores.total, group_size).float().mean().item(),
-    }
-
+    def export(self, out_dir: Path, dtype: str | None = None) -> dict[str, str]:
+        rank_zero = self.trainer.is_global_zero
+        return models.export_pretrained(self.policy, self.tokenizer, out_dir, self.spec, rank_zero, dtype)

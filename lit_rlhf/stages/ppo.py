@@ -1,31 +1,30 @@
-"""Proximal Policy Optimization for RLHF (Schulman et al. 2017; Ziegler et al. 2019; InstructGPT, Ouyang et al. 2022
-§3.5; seed 000 §5, seed 002).
+"""Proximal Policy Optimization for RLHF (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022 §3.5).
 
-Four roles: the **actor** (the policy, trained), the **critic** (:mod:`lit_rlhf.value_models`: a separate value
-model initialised from the reward model or the policy, or a value head on the policy's frozen base through its own
-LoRA adapter; trained, with its own optimizer and learning rate), the **reference** (the policy with its adapters
-disabled, or a frozen copy for a full fine-tune) and the **reward** (an exported reward model and/or reward
-functions from :mod:`lit_rlhf.rewards`; frozen). One training step is one PPO iteration on a batch of prompts:
+Roles: the **actor** (the policy, trained); the **critic** (:mod:`lit_rlhf.critics`: a separate value model from the
+reward model or the policy, or a value head on the policy's frozen base through its own LoRA adapter; trained by its
+own optimizer); the **reference** (the policy with adapters disabled, or a frozen copy); the **reward** (an exported
+reward model and/or reward functions, :mod:`lit_rlhf.rewards`; frozen). ``training_step`` is one PPO iteration:
 
-1. rollout: sample completions from the policy (KV cache, :mod:`lit_rlhf.rollout`);
-2. score: reward model + reward functions -> ``scores`` [N]; minus ``missing_eos_penalty`` where no EOS came;
-   normalised (``score_norm``);
-3. experience (no grad, :mod:`lit_rlhf.experience`): ``old_logps``, ``ref_logps``, ``values``; dense rewards
-   ``-beta KL_t`` on every token + the clipped score on the last (InstructGPT Eq. 2); GAE (Schulman et al. 2016,
-   Eq. 16) -> ``advantages`` (whitened) and ``returns``;
-4. update: ``ppo_epochs`` passes over shuffled minibatches; clipped surrogate (PPO Eq. 7) minus ``entropy_coef`` x
-   entropy -> actor step; clipped value loss -> critic step; the epoch loop stops once a minibatch's approx-KL to
-   the sampling policy exceeds ``target_kl``;
-5. KL coefficient update (:mod:`lit_rlhf.kl_control`: fixed, or adaptive towards a target KL, Ziegler et al. §2.2).
+1. rollout: sample completions (:func:`lit_rlhf.rollout.sample_completions`);
+2. score: reward model + reward functions, minus ``missing_eos_penalty`` without EOS, normalised (``score_norm``);
+3. advantages (no grad, :mod:`lit_rlhf.experience`): old/ref logps and values; dense rewards ``-beta KL_t`` per token
+   + the clipped score on the last (InstructGPT Eq. 2); GAE (Schulman et al. 2016, Eq. 16), whitened; 0 if no reward;
+4. update: ``ppo_epochs`` x shuffled minibatches: clipped surrogate (PPO Eq. 7) minus ``entropy_coef`` x entropy
+   (actor) and clipped value loss (critic) in one backward, one step of each optimizer; stops once a minibatch's
+   approx-KL to the sampling policy exceeds ``target_kl``;
+5. KL coefficient (:mod:`lit_rlhf.kl_control`: fixed, or adaptive, Ziegler et al. §2.2); learning-rate schedules;
+6. log.
 
-Several processes (DDP, or FSDP2 sharding policy, reference and a separate critic; the reward model is replicated)
-give the single-process update at the same global batch when a rank's minibatch is its whole batch: sampling noise
-is drawn for the global batch, scores are normalised and advantages whitened over all ranks, losses are token means
-over all ranks' minibatch tokens, and the KL controller sees the global KL. (With smaller minibatches each rank
-shuffles its own rows, so the global minibatches differ from one process's.)
+One training step is one rollout batch: ``trainer.max_steps``, ``trainer.global_step``, the progress bar and the W&B
+step count PPO iterations, however many actor and critic steps each takes (:func:`lit_rlhf.optim.clip_and_step`
+counts the first actor step); both learning-rate schedules step once per iteration, over ``max_steps``.
 
-Deliberate simplifications: logps are recomputed after sampling (one extra forward, so the first ratio is exactly
-1); a step counts as one ``global_step`` however many optimizer steps it makes (``max_steps`` = PPO iterations).
+DDP or FSDP2 (sharding policy, reference and a separate critic; the reward model is replicated) give the
+single-process update at the same global batch when a rank's minibatch is its whole batch: sampling noise is drawn
+for the global batch, scores normalised and advantages whitened over all ranks, losses are token means over all
+ranks' minibatch tokens, the KL controller sees the global KL (smaller minibatches are shuffled per rank). Actor and
+critic share one backward, so under DDP every trainable parameter gets a gradient (no ``find_unused_parameters``).
+Simplification: logps are recomputed after sampling (one extra forward; the first ratio is exactly 1).
 
     python -m lit_rlhf.experiments.ppo                                   # SmolLM2-135M + LoRA, rule reward, CPU
     python -m lit_rlhf.experiments.ppo --config experiments/ppo/tiny.yaml --output_dir runs/ppo-tiny
@@ -37,37 +36,32 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DDPStrategy
-from torch import nn
 
-from lit_rlhf import models, value_models
-from lit_rlhf.advantages import gae, whiten
-from lit_rlhf.callbacks import log_table
-from lit_rlhf.data.tasks import is_correct
-from lit_rlhf.experience import (Experience, LogitsRecorder, RunningMoments, ScoreNorm, apply_missing_eos_penalty,
-                                 dense_rewards, explained_variance, minibatches, normalize_scores, sequence_sums,
-                                 update_moments)
-from lit_rlhf.distributed import GlobalBatchNoise, fully_shard_lm, fully_shard_root, global_masked_whiten, lockstep_done
+from lit_rlhf import critics, experience, models, reward_models
+from lit_rlhf.advantages import gae
+from lit_rlhf.critics import CriticSettings
+from lit_rlhf.distributed import fully_shard_lm, fully_shard_root, global_masked_whiten, global_normalizer, rank_mean
+from lit_rlhf.experience import Experience, LogitsRecorder, RunningMoments, ScoreNorm
 from lit_rlhf.kl_control import KLSettings, build_kl_controller
-from lit_rlhf.logprobs import masked_mean, response_logps
+from lit_rlhf.logprobs import masked_mean, sequence_logps
 from lit_rlhf.losses import ppo_policy_loss, ppo_value_loss
-from lit_rlhf.metrics import PhaseMeans, Throughput, model_flop_counts, training_flops
-from lit_rlhf.optim import OptimizerSettings, build_optimizer, trainable_state_dict
-from lit_rlhf.rewards import RewardComposer, RewardSpec
-from lit_rlhf.rollout import ROLLOUT_BACKENDS, SamplingSettings, decode, group_index
+from lit_rlhf.metrics import PhaseMeans, Throughput, log_table, model_flop_counts, training_flops
+from lit_rlhf.optim import OptimizerSettings, build_optimizer, clip_and_step, trainable_state_dict
+from lit_rlhf.reward_models import RewardModelSettings
+from lit_rlhf.rewards import DEFAULT_REWARDS, RewardComposer, RewardSpec, add_rewards, scoring_texts, validation_means
+from lit_rlhf.rollout import SamplingSettings, rollout_logps, sample_completions
 from lit_rlhf.types import PromptBatch, Rollout
-from lit_rlhf.value_models import CriticSettings, RewardModelSettings
 
-
-DEFAULT_REWARDS = (RewardSpec("numeric_correctness", 1.0), RewardSpec("numeric_closeness", 0.5))
-"""``reward_model: null, rewards: null`` (the default): 1 when the completion's last number is the answer, plus 0.5 x
-``numeric_closeness`` = ``exp(-|pred - answer| / 10)`` (partial credit for a close answer, so the score moves before answers are right)."""
+TABLE_COLUMNS = ["prompt", "completion", "reward", "kl"]  # of the train/samples and val/samples tables
 
 
 class PPOModule(L.LightningModule):
+    """PPO with GAE, a clipped policy and value loss, and a fixed or adaptive KL coefficient."""
+
     def __init__(
         self,
         policy: models.ModelSpec = models.ModelSpec(),
@@ -92,7 +86,7 @@ class PPOModule(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         optimizer: OptimizerSettings = OptimizerSettings(lr=1e-4),
         critic_optimizer: OptimizerSettings = OptimizerSettings(lr=3e-4),
-        rollout_backend: str = "kv_cache",
+        rollout_backend: Literal["kv_cache"] = "kv_cache",
         peak_flops: float = 200e9,
         table_rows: int = 8,
         table_every_n_steps: int = 10,
@@ -103,18 +97,18 @@ class PPOModule(L.LightningModule):
             critic: the value model: ``reward_model``, ``policy`` or ``shared_base`` init, its LoRA.
             reward_model: an exported sequence-classification reward model scoring each completion; null: none.
             rewards: reward functions by registry name or import path, with weights and kwargs, added to the score;
-                null: :data:`DEFAULT_REWARDS` when there is no reward model, none otherwise.
+                null: :data:`lit_rlhf.rewards.DEFAULT_REWARDS` without a reward model, none otherwise.
             sampling: rollout settings (token budget, temperature, top-k/top-p).
             samples_per_prompt: completions sampled per prompt.
             ppo_epochs: passes over each rollout batch.
             minibatch_size: completions per update minibatch.
-            clip_range: PPO ratio clip epsilon (seed 000: 0.2).
+            clip_range: PPO ratio clip epsilon (0.2 did best in Schulman et al. 2017, §6.1).
             clip_range_value: how far a value may move from its old value before the value loss is clipped.
             entropy_coef: weight of the entropy bonus (mean token entropy of the policy), 0 = off.
             gamma: GAE discount.
             lam: GAE lambda.
             kl: KL penalty in the reward: initial coefficient, adaptive target/horizon or fixed, estimator.
-            score_clip: scores are clipped to [-score_clip, score_clip] in the reward (seed 000: 5); null: no clip.
+            score_clip: scores are clipped to [-score_clip, score_clip] in the reward (e.g. 5); null: no clip.
             missing_eos_penalty: subtracted from the score of a completion that hit the token budget; null: off.
             score_norm: ``none``, ``batch`` (whiten per batch) or ``running`` (mean/std over the run).
             whiten_advantages: whiten advantages over the batch's response tokens.
@@ -128,286 +122,216 @@ class PPOModule(L.LightningModule):
             table_every_n_steps: log a table of training samples every this many steps.
         """
         super().__init__()
+        self.strict_loading = False  # checkpoints hold only trainable weights (set before FSDP2 loads)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        if reward_model is None and rewards is None:
-            rewards = list(DEFAULT_REWARDS)
-        if reward_model is None and not rewards:
-            raise ValueError("PPO needs a reward: set model.reward_model and/or model.rewards")
-        if rollout_backend not in ROLLOUT_BACKENDS:
-            raise ValueError(f"unknown rollout_backend {rollout_backend!r}; available: {sorted(ROLLOUT_BACKENDS)}")
-        # typed settings kept as given (under LightningCLI, hparams hold their dict form)
+        rewards = list(DEFAULT_REWARDS) if reward_model is None and rewards is None else rewards
+        experience.check_ppo_settings(samples_per_prompt, ppo_epochs, score_clip, reward_model, rewards)
         self.spec, self.critic_settings, self.reward_settings, self.sampling = policy, critic, reward_model, sampling
         self.kl_settings, self.actor_optim, self.critic_optim = kl, optimizer, critic_optimizer
+        self.tokenizer = models.load_tokenizer(policy.name, policy.revision)
+        self.temperature = sampling.temperature or 1.0  # of the logps (greedy decoding: the untempered distribution)
         self.composer = RewardComposer(rewards) if rewards else None
-        self.kl_ctl = build_kl_controller(kl)
-        self.moments = RunningMoments()
-        self.policy: nn.Module | None = None
-        self.val_means = PhaseMeans()
-        self.throughput = Throughput(peak_flops)
-        self._val_rows: list[list] = []
+        self.kl_ctl, self.moments = build_kl_controller(kl), RunningMoments()
+        self.policy = None  # built in configure_model
+        self.val_means, self.throughput, self._val_rows = PhaseMeans(), Throughput(peak_flops), []
 
     # -- networks -------------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        rm = self.reward_settings  # a hub id or an existing export is used as is; a missing local export is trained first
-        if rm is not None and rm.train_args is not None and not Path(rm.path).exists():
-            if self.trainer.is_global_zero:
-                value_models.train_missing_reward_model(self.reward_settings)
-            self.trainer.strategy.barrier()
-
     def configure_model(self) -> None:
         if self.policy is not None:
             return
         rm = self.reward_settings
         self.policy = models.load_causal_lm(self.spec)
-        self.tokenizer = models.load_tokenizer(self.spec.name, self.spec.revision)
         self.frozen_reference = models.frozen_copy(self.policy) if self.spec.lora is None else None
-        self.reward_model = value_models.RewardModelScorer(rm, self.spec.dtype) if rm is not None else None
-        self.critic = value_models.build_critic(self.critic_settings, self.policy, self.spec, rm.path if rm is not None else None)
-        self.eos_token_ids = value_models.eos_token_ids(self.tokenizer, self.policy)
-        self.suffix = value_models.turn_suffix(self.tokenizer) if rm is not None and rm.chat_template else ""
+        self.reward_model = reward_models.RewardScorer.from_settings(rm, self.spec.dtype) if rm is not None else None
+        self.critic = critics.build_critic(self.critic_settings, self.policy, self.spec, rm and rm.path)
+        self.suffix = models.turn_suffix(self.tokenizer) if rm is not None and rm.chat_template else ""
         self._flop_counts = model_flop_counts(self.policy)
-        if self._trainer is not None and isinstance(self.trainer.strategy, DDPStrategy):  # actor and critic steps each
-            self.trainer.strategy._ddp_kwargs["find_unused_parameters"] = True  # leave the other's parameters unused
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 on policy, reference, critic (reward model: replicated)
-            if not isinstance(self.critic, value_models.ValueModel):
-                raise ValueError("under FSDP2 the critic must be a separate model (critic.init = policy or reward_model)")
-            for net in (self.policy, self.frozen_reference):
-                if net is not None:
-                    fully_shard_lm(net, self.device_mesh)
+        if self.device_mesh is not None:  # FSDP2 on policy, reference and critic (the reward model is replicated)
+            if not isinstance(self.critic, critics.ValueModel):
+                raise ValueError("under FSDP2 the critic must be a separate model (critic.init: policy, reward_model)")
+            for net in filter(None, (self.policy, self.frozen_reference)):
+                fully_shard_lm(net, self.device_mesh)
             fully_shard_lm(self.critic.decoder, self.device_mesh)
             fully_shard_root(self.critic, self.device_mesh)  # the value head
 
-    @property
-    def temperature(self) -> float:
-        return self.sampling.temperature or 1.0  # greedy decoding: logps of the untempered distribution
+    # -- training: the algorithm, then its steps in call order ---------------------------------------------------------
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        clock = [time.perf_counter()]
+        # 1. rollout: sample completions from the current policy
+        rollout = self.generate(batch, self.generator)
+        clock.append(time.perf_counter())
+        # 2. score (reward model + reward functions), minus the missing-EOS penalty, normalised over all ranks
+        raw_scores, score_stats = self.score(rollout, batch)
+        scores = self.normalize(raw_scores, rollout.truncated)
+        # 3. advantages: old/ref logps and values (no grad); dense rewards (-beta KL per token, score on the last); GAE
+        exp = self.make_experience(rollout, scores)
+        clock.append(time.perf_counter())
+        # 4. ppo_epochs x shuffled minibatches: one actor and one critic step each (the first: the global step)
+        update_stats = self.update(exp)
+        clock.append(time.perf_counter())
+        # 5. KL coefficient from this batch's mean sequence KL over all ranks; learning-rate schedules (one step each)
+        kl_coef, kl = self.kl_ctl.value, rank_mean(sequence_logps(exp.kl, exp.mask).mean())  # equal rollouts per rank
+        self.kl_ctl.update(kl, len(exp.scores) * self.trainer.world_size)  # the global batch's rollouts
+        for scheduler in self.lr_schedulers():
+            scheduler.step()
+        # 6. log
+        timing = {f"perf/{k}_s": b - a for k, a, b in zip(("generation", "scoring", "update"), clock, clock[1:])}
+        self.log_iteration(exp, raw_scores, {**score_stats, **update_stats}, timing, kl, kl_coef)
 
-    def rows(self, r: Rollout) -> tuple[torch.Tensor, ...]:
-        return r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask, r.prompt_index
-
-    # -- 1. rollout, 2. score -------------------------------------------------------------------------------------
     def generate(self, batch: PromptBatch, generator: torch.Generator) -> Rollout:
-        """Completions of the batch's prompts from the current policy, text decoded."""
-        index = group_index(batch.input_ids.shape[0], self.hparams.samples_per_prompt, self.device)
-        sample = ROLLOUT_BACKENDS[self.hparams.rollout_backend]
-        noise = GlobalBatchNoise(generator, batch.input_ids.shape[0], self.hparams.samples_per_prompt)
-        with models.merged_lora(self.policy) as policy:  # LoRA folded into the weights: a faster decode step
-            rollout = sample(policy, batch.input_ids, batch.attention_mask, index, self.sampling, self.eos_token_ids,
-                             self.tokenizer.pad_token_id, generator, all_done=lockstep_done(policy), noise=noise)
-        rollout.prompts, rollout.completions = list(batch.prompts), decode(self.tokenizer, rollout)
-        return rollout
+        """``samples_per_prompt`` completions of each prompt from the current policy, text decoded."""
+        n, backend = self.hparams.samples_per_prompt, self.hparams.rollout_backend
+        return sample_completions(self.policy, self.tokenizer, batch, n, self.sampling, generator, backend)
 
     def score(self, rollout: Rollout, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """(scores [N] before penalty/normalisation, per-source statistics): reward model + reward functions."""
+        """(scores [N] before penalty/normalisation, NaN where no source gave a reward; per-source statistics):
+        reward model + reward functions."""
         index = rollout.prompt_index.tolist()
         prompts = [batch.prompts[i] for i in index]
-        scores, stats = torch.zeros(len(index)), {}
+        scores, stats = None, {}
         if self.reward_model is not None:
             finished = (~rollout.truncated).tolist()
-            rm = self.reward_model.scores(value_models.scoring_texts(prompts, rollout.completions, finished, self.suffix)).cpu()
-            scores += self.reward_settings.weight * rm
+            rm = self.reward_model.score_texts(scoring_texts(prompts, rollout.completions, finished, self.suffix))
+            scores = self.reward_settings.weight * rm
             stats["rewards/reward_model/mean"] = float(rm.mean())
         if self.composer is not None:
-            result = self.composer(prompts, rollout.completions, {k: [v[i] for i in index] for k, v in batch.extras.items()})
-            scores += result.total
+            columns = {k: [v[i] for i in index] for k, v in batch.extras.items()}
+            result = self.composer(prompts, rollout.completions, columns)
+            scores = add_rewards(scores, result.total)
             stats.update({k: v for k, v in result.stats().items() if k.count("/") == 2})
         return scores.to(self.device), stats
 
-    def normalize(self, scores: torch.Tensor) -> torch.Tensor:
-        """``score_norm`` over the scores of all ranks (gathered; equal rollouts per rank); this rank's part."""
+    def normalize(self, scores: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+        """Minus ``missing_eos_penalty`` where ``truncated``, then ``score_norm`` over the scores of all ranks
+        (gathered; equal rollouts per rank); this rank's part."""
+        scores = experience.apply_missing_eos_penalty(scores, truncated, self.hparams.missing_eos_penalty)
         mode, world = self.hparams.score_norm, self.trainer.world_size
         if mode == "none":
             return scores
         everyone = self.all_gather(scores).reshape(-1) if world > 1 else scores  # [W n], rank-major
         if mode == "running":
-            self.moments = update_moments(self.moments, everyone)
-        return normalize_scores(everyone, mode, self.moments).reshape(world, -1)[self.global_rank]
+            self.moments = experience.update_moments(self.moments, everyone)
+        return experience.normalize_scores(everyone, mode, self.moments).reshape(world, -1)[self.global_rank]
 
-    # -- 3. experience --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def make_experience(self, rollout: Rollout, scores: torch.Tensor) -> Experience:
-        hp, args, mask = self.hparams, self.rows(rollout), rollout.response_mask
-        old_logps = response_logps(self.policy, *args, temperature=self.temperature).logps
+        """The PPO buffer: old/ref logps, values, dense rewards and KL, GAE advantages (whitened) and returns."""
+        hp, mask, estimator = self.hparams, rollout.response_mask, self.kl_settings.estimator
+        old_logps = rollout_logps(self.policy, rollout, self.temperature).logps
         with models.reference_policy(self.policy, self.frozen_reference) as ref:
-            ref_logps = response_logps(ref, *args, temperature=self.temperature).logps
-        values = self.critic(*args)
-        rewards, kl = dense_rewards(scores, old_logps, ref_logps, mask, self.kl_ctl.value, self.kl_settings.estimator, hp.score_clip)
+            ref_logps = rollout_logps(ref, rollout, self.temperature).logps
+        values = self.critic(*self.rows(rollout))
+        kl_coef, clip = self.kl_ctl.value, hp.score_clip
+        rewards, kl = experience.dense_rewards(scores, old_logps, ref_logps, mask, kl_coef, estimator, clip)
         advantages, returns = gae(rewards, values, mask, hp.gamma, hp.lam)
-        if hp.whiten_advantages:
-            advantages = whiten(advantages, mask) if self.trainer.world_size == 1 else global_masked_whiten(advantages, mask)
+        advantages, returns, scored = experience.drop_unscored(advantages, returns, values, scores)
+        if hp.whiten_advantages:  # over the scored completions' response tokens of all ranks
+            advantages = global_masked_whiten(advantages, mask * scored)
         return Experience(rollout, old_logps, ref_logps, values, scores, kl, rewards, advantages, returns)
 
-    # -- 4. update ------------------------------------------------------------------------------------------------
-    def policy_logps(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logps [N, R] with grad, mean token entropy with grad or None when the bonus is off)."""
-        if self.hparams.entropy_coef == 0:
-            return response_logps(self.policy, *self.rows(r), temperature=self.temperature).logps, None
-        recorder = LogitsRecorder(self.policy)
-        logps = response_logps(recorder, *self.rows(r), temperature=self.temperature).logps
-        return logps, masked_mean(recorder.entropy(r, self.temperature), r.response_mask)
-
-    def optimizer_step(self, optimizer, loss: torch.Tensor) -> None:
-        """zero_grad -> backward -> clip -> step, through the strategy (precision/distributed handling)."""
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        if self.hparams.max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
-        self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None)
-
-    def update(self, exp: Experience, generator: torch.Generator) -> dict[str, float]:
-        """ppo_epochs x shuffled minibatches of actor and critic steps; returns the mean of each minibatch metric."""
-        hp = self.hparams
-        actor_opt, critic_opt = self.optimizers()
-        stats, stopped = defaultdict(list), False
-        for _epoch in range(hp.ppo_epochs):
-            for rows in minibatches(len(exp.scores), hp.minibatch_size, generator):
-                mb = exp.select(rows.to(self.device))
-                mask = mb.mask
-                # actor: clipped surrogate - entropy bonus; stop early once too far from the sampling policy
-                share = self.token_share(mask)  # token means over the minibatches of all ranks (1 with one process)
-                logps, entropy = self.policy_logps(mb.rollout)
-                policy_loss, metrics = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mask, clip_range=hp.clip_range)
-                policy_loss, metrics = policy_loss * share, {k: v * share for k, v in metrics.items()}
-                entropy = None if entropy is None else entropy * share
-                if hp.target_kl is not None and self.rank_mean(metrics["policy/approxkl"]) > hp.target_kl:
-                    stopped = True
-                    break
-                loss = policy_loss if entropy is None else policy_loss - hp.entropy_coef * entropy
-                self.optimizer_step(actor_opt, loss)
-                # critic: clipped value loss against the GAE returns
-                values = self.critic(*self.rows(mb.rollout))
-                value_loss, value_metrics = ppo_value_loss(values, mb.values, mb.returns, mask, clip_range_value=hp.clip_range_value)
-                value_loss, value_metrics = value_loss * share, {k: v * share for k, v in value_metrics.items()}
-                self.optimizer_step(critic_opt, value_loss)
-                metrics.update(value_metrics, **{"loss/policy": policy_loss.detach(), "loss/value": value_loss.detach()})
-                for k, v in metrics.items():
-                    stats[k].append(float(v))
-            if stopped:
+    def update(self, exp: Experience) -> dict[str, float]:
+        """``ppo_epochs`` passes over shuffled minibatches; each: actor and critic loss in one backward (disjoint
+        parameters: each optimizer gets its own loss's gradient), one step of each optimizer (the first actor step is
+        the counted global step). From the second minibatch on (the first is scored by the sampling policy itself),
+        stops once the approx-KL (mean over ranks) exceeds ``target_kl``. Returns the mean of each metric."""
+        hp, (actor_opt, critic_opt) = self.hparams, self.optimizers()
+        stats, updates, stopped = defaultdict(list), 0, False
+        n, size, shuffle = len(exp.scores), hp.minibatch_size, self.shuffle_generator  # a new order every epoch
+        for rows in (r for _ in range(hp.ppo_epochs) for r in experience.minibatches(n, size, shuffle)):
+            mb = exp.select(rows.to(self.device))
+            share = mb.mask.sum() / global_normalizer(mb.mask.sum())  # token means over all ranks' minibatches
+            actor_loss, metrics = self.actor_loss(mb, share)
+            if hp.target_kl is not None and updates and rank_mean(metrics["policy/approxkl"]) > hp.target_kl:
+                stopped = True
                 break
+            critic_loss, value_metrics = self.critic_loss(mb, share)
+            self.manual_backward(actor_loss + critic_loss)
+            clip_and_step(self, actor_opt, hp.max_grad_norm, count=updates == 0)
+            clip_and_step(self, critic_opt, hp.max_grad_norm, count=False)
+            updates += 1
+            for k, v in {**metrics, **value_metrics}.items():
+                stats[k].append(float(v))
         out = {k: sum(v) / len(v) for k, v in stats.items()}
-        return {**out, "ppo/updates": float(len(stats["loss/policy"])), "ppo/early_stopped": float(stopped)}
+        return {**out, "ppo/updates": float(updates), "ppo/early_stopped": float(stopped)}
 
-    def token_share(self, mask: torch.Tensor) -> torch.Tensor | float:
-        """W x this rank's share of the minibatch tokens of all ranks: a rank's token-mean loss times it, averaged
-        over ranks (as DDP/FSDP2 average gradients), is the token mean over the global minibatch."""
-        world = self.trainer.world_size
-        if world == 1:
-            return 1.0
-        tokens = mask.sum().float()
-        return tokens * world / self.trainer.strategy.reduce(tokens.clone(), reduce_op="sum").clamp(min=1.0)
+    def actor_loss(self, mb: Experience, share: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(clipped surrogate - ``entropy_coef`` x mean token entropy, metrics), both x this rank's token ``share``;
+        the entropy comes from the very forward that gives the logps (:class:`lit_rlhf.experience.LogitsRecorder`)."""
+        coef = self.hparams.entropy_coef
+        lm = LogitsRecorder(self.policy) if coef != 0 else self.policy
+        logps = rollout_logps(lm, mb.rollout, self.temperature).logps
+        loss, metrics = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mb.mask, clip_range=self.hparams.clip_range)
+        metrics = {**metrics, "loss": loss.detach()}
+        if coef != 0:
+            loss = loss - coef * masked_mean(lm.entropy(mb.rollout, self.temperature), mb.mask)
+        return loss * share, {k: v * share for k, v in metrics.items()}
 
-    def rank_mean(self, value: torch.Tensor | float) -> float:
-        """The mean of ``value`` over ranks (every rank gets the same number, e.g. for early stopping)."""
-        if self.trainer.world_size == 1:
-            return float(value)
-        return float(self.trainer.strategy.reduce(torch.as_tensor(value, dtype=torch.float32, device=self.device).clone(), reduce_op="mean"))
+    def critic_loss(self, mb: Experience, share: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(clipped value loss against the GAE returns, metrics), both x this rank's token ``share``."""
+        values = self.critic(*self.rows(mb.rollout))
+        clip = self.hparams.clip_range_value
+        loss, metrics = ppo_value_loss(values, mb.values, mb.returns, mb.mask, clip_range_value=clip)
+        return loss * share, {k: v * share for k, v in {**metrics, "value_loss": loss.detach()}.items()}
 
-    # -- the iteration --------------------------------------------------------------------------------------------
+    def log_iteration(self, exp: Experience, raw_scores, stats: dict, timing: dict, kl: float, kl_coef: float) -> None:
+        n, r, mask = len(exp.scores), exp.rollout, exp.mask
+        metrics = experience.iteration_metrics(exp, raw_scores, kl, kl_coef, stats)
+        sync = self.trainer.world_size > 1  # train/* are the mean over ranks
+        self.log("train/rewards/mean", metrics.pop("rewards/mean"), prog_bar=True, batch_size=n, sync_dist=sync)
+        self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, batch_size=n, sync_dist=sync)
+        tokens, scored = int(r.prompt_mask[r.prompt_index].sum() + mask.sum()), int(mask.sum())
+        forward = training_flops(*self._flop_counts, tokens, scored, False, 0) / 2
+        forward_backward = training_flops(*self._flop_counts, tokens, scored, self.spec.lora is None, 0)
+        passes = stats["ppo/updates"] * self.hparams.minibatch_size / n
+        flops = 4 * forward + 2 * passes * forward_backward  # sample, old, ref, values; actor + critic updates
+        self.log_dict({**timing, **self.throughput.step(n, tokens, flops)}, batch_size=n)
+        if (self.global_step - 1) % self.hparams.table_every_n_steps == 0:
+            rows = self.table_rows(r, raw_scores, exp.kl)
+            log_table(self.trainer, "train/samples", TABLE_COLUMNS, rows, step=self.global_step)
+
+    def table_rows(self, r: Rollout, scores: torch.Tensor, token_kl: torch.Tensor) -> list[list]:
+        index, kl = r.prompt_index.tolist()[: self.hparams.table_rows], sequence_logps(token_kl, r.response_mask)
+        return [[r.prompts[p], r.completions[i], float(scores[i]), float(kl[i])] for i, p in enumerate(index)]
+
+    def rows(self, r: Rollout) -> tuple[torch.Tensor, ...]:
+        return r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask, r.prompt_index
+
+    # -- validation: held-out prompts, fixed sampling seed -------------------------------------------------------------
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        if batch_idx == 0:  # the same sampling noise at every validation
+            self.val_generator = torch.Generator(self.device).manual_seed(1234)
+        rollout = self.generate(batch, self.val_generator)
+        scores, stats = self.score(rollout, batch)
+        with torch.no_grad():
+            logps = rollout_logps(self.policy, rollout, self.temperature).logps
+            with models.reference_policy(self.policy, self.frozen_reference) as ref:
+                token_kl = logps - rollout_logps(ref, rollout, self.temperature).logps
+        metrics = {**experience.validation_metrics(rollout, token_kl), **stats}
+        means = self.val_means.update({f"val/{k}": v for k, v in metrics.items()}, weight=len(scores))
+        answers = batch.extras.get("answer")  # a verifiable task: does the score track correctness (or is it gamed)?
+        answers = [answers[i] for i in rollout.prompt_index.tolist()] if answers else None
+        for values, weight in validation_means(scores, rollout.completions, answers):  # rewards/mean, accuracy
+            means.update(self.val_means.update(values, weight=weight))
+        self.log_dict(means, on_epoch=True, on_step=False, batch_size=len(scores))
+        room = max(self.hparams.table_rows - len(self._val_rows), 0)
+        self._val_rows += self.table_rows(rollout, scores, token_kl)[:room]
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_rows and not self.trainer.sanity_checking:
+            log_table(self.trainer, "val/samples", TABLE_COLUMNS, self._val_rows, step=self.global_step)
+        self._val_rows = []
+
+    # -- hooks: generators, optimizers, checkpoints, export ------------------------------------------------------------
     def on_fit_start(self) -> None:
         seed = torch.initial_seed() % 2**63
         self.generator = torch.Generator(self.device).manual_seed(seed)  # sampling (on the model's device)
         self.shuffle_generator = torch.Generator().manual_seed(seed)  # minibatch order
         self.throughput.start()
 
-    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        hp, clock = self.hparams, [time.perf_counter()]
-        # 1. rollout: sample completions from the current policy
-        rollout = self.generate(batch, self.generator)
-        clock.append(time.perf_counter())
-        # 2. score them (reward model + reward functions), penalise missing EOS, normalise
-        raw = self.score(rollout, batch)
-        scores = apply_missing_eos_penalty(raw[0], rollout.truncated, hp.missing_eos_penalty)
-        scores = self.normalize(scores)
-        # 3. experience: old/ref logps, values; dense rewards (-beta KL per token, score on the last); GAE
-        exp = self.make_experience(rollout, scores)
-        clock.append(time.perf_counter())
-        # 4. PPO epochs of actor and critic minibatch steps
-        update_stats = self.update(exp, self.shuffle_generator)
-        clock.append(time.perf_counter())
-        # 5. KL coefficient update from this batch's mean sequence KL
-        kl_coef = self.kl_ctl.value
-        kl = self.rank_mean(sequence_sums(exp.kl, exp.mask).mean())  # equal rollouts per rank: the global mean
-        self.kl_ctl.update(kl, len(exp.scores) * self.trainer.world_size)  # the global batch's rollouts
-        # 6. one global step per iteration; LR schedules; log
-        self.count_iteration()
-        for scheduler in self.lr_schedulers():
-            scheduler.step()
-        timing = {f"perf/{k}_s": b - a for k, a, b in zip(("generation", "experience", "update"), clock, clock[1:])}
-        self.log_iteration(exp, raw, update_stats, timing, kl, kl_coef)
-
-    def count_iteration(self) -> None:
-        """Under manual optimization Lightning counts every ``LightningOptimizer.step`` as a global step; the inner
-        steps go through the strategy uncounted and the iteration counts once (``max_steps`` = PPO iterations)."""
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        progress.increment_ready()
-        progress.increment_completed()
-
-    def log_iteration(self, exp: Experience, raw: tuple[torch.Tensor, dict], update_stats: dict, timing: dict, kl: float, kl_coef: float) -> None:
-        r, mask, (scores, score_stats) = exp.rollout, exp.mask, raw
-        non_score = float(sequence_sums(-kl_coef * exp.kl, mask).mean())
-        metrics = {
-            "objective/kl": kl, "objective/non_score_reward": non_score, "objective/rlhf_reward": float(scores.mean()) + non_score,
-            "objective/kl_coef": kl_coef, "score/mean": scores.mean(), "score/std": scores.std(unbiased=False),
-            "score/min": scores.min(), "score/max": scores.max(), "response_length": r.completion_lengths.float().mean(),
-            "truncated": r.truncated.float().mean(), "values/mean": masked_mean(exp.values, mask),
-            "returns/mean": masked_mean(exp.returns, mask), "advantages/mean": masked_mean(exp.advantages, mask),
-            "value/explained_variance": explained_variance(exp.values, exp.returns, mask), **score_stats, **update_stats,
-        }
-        if r.entropy is not None:
-            metrics["objective/entropy"] = masked_mean(r.entropy, mask)
-        score_mean = metrics.pop("score/mean")
-        sync = self.trainer.world_size > 1  # train/* are the mean over ranks
-        self.log("train/score/mean", float(score_mean), prog_bar=True, batch_size=len(exp.scores), sync_dist=sync)
-        self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, batch_size=len(exp.scores), sync_dist=sync)
-        tokens = int(r.prompt_mask[r.prompt_index].sum() + mask.sum())
-        scored = int(mask.sum())
-        forward = training_flops(*self._flop_counts, tokens, scored, False, 0) / 2
-        forward_backward = training_flops(*self._flop_counts, tokens, scored, self.spec.lora is None, 0)
-        passes = update_stats["ppo/updates"] * self.hparams.minibatch_size / len(exp.scores)
-        flops = 4 * forward + 2 * passes * forward_backward  # sample, old, ref, values; actor + critic updates (approx.)
-        self.log_dict({**timing, **self.throughput.step(len(exp.scores), tokens, flops)}, batch_size=len(exp.scores))
-        if (self.global_step - 1) % self.hparams.table_every_n_steps == 0:
-            log_table(self.trainer, "train/samples", ["prompt", "completion", "score", "kl"], self.table_rows(exp.rollout, scores, exp), step=self.global_step)
-
-    def table_rows(self, r: Rollout, scores: torch.Tensor, exp: Experience | None = None, kl: torch.Tensor | None = None) -> list[list]:
-        kl = sequence_sums(exp.kl, exp.mask) if exp is not None else kl
-        index = r.prompt_index.tolist()
-        return [[r.prompts[index[i]], r.completions[i], float(scores[i]), float(kl[i])] for i in range(min(self.hparams.table_rows, len(index)))]
-
-    # -- validation: held-out prompts, fixed sampling seed --------------------------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self.val_generator = torch.Generator(self.device).manual_seed(1234)
-
-    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        rollout = self.generate(batch, self.val_generator)
-        scores, stats = self.score(rollout, batch)
-        with torch.no_grad():
-            logps = response_logps(self.policy, *self.rows(rollout), temperature=self.temperature).logps
-            with models.reference_policy(self.policy, self.frozen_reference) as ref:
-                ref_logps = response_logps(ref, *self.rows(rollout), temperature=self.temperature).logps
-        kl = sequence_sums(logps - ref_logps, rollout.response_mask)
-        metrics = {"val/score/mean": scores.mean(), "val/objective/kl": kl.mean(),
-                   "val/response_length": rollout.completion_lengths.float().mean(), **{f"val/{k}": v for k, v in stats.items()}}
-        means = self.val_means.update(metrics, weight=len(scores))
-        answers = batch.extras.get("answer")
-        if answers is not None:  # a verifiable task: does the score track correctness (or is it being gamed)?
-            pairs = [(c, answers[i]) for c, i in zip(rollout.completions, rollout.prompt_index.tolist()) if answers[i] is not None]
-            if pairs:
-                accuracy = sum(is_correct(c, a) for c, a in pairs) / len(pairs)
-                means.update(self.val_means.update({"val/accuracy": accuracy}, weight=len(pairs)))
-        self.log_dict(means, on_epoch=True, on_step=False, batch_size=len(scores))
-        if len(self._val_rows) < self.hparams.table_rows:
-            self._val_rows += self.table_rows(rollout, scores, kl=kl)[: self.hparams.table_rows - len(self._val_rows)]
-
-    def on_validation_epoch_end(self) -> None:
-        if self._val_rows and not self.trainer.sanity_checking:
-            log_table(self.trainer, "val/samples", ["prompt", "completion", "score", "kl"], self._val_rows, step=self.global_step)
-        self._val_rows = []
-
-    # -- optimizers, checkpoints, export --------------------------------------------------------------------------
     def configure_optimizers(self):
-        total = self.trainer.estimated_stepping_batches
-        actor = build_optimizer(value_models.actor_parameters(self.policy), self.actor_optim, total)
+        total = self.trainer.estimated_stepping_batches  # both schedules step once per rollout batch
+        actor = build_optimizer(critics.actor_parameters(self.policy), self.actor_optim, total)
         critic = build_optimizer(self.critic.trainable_parameters(), self.critic_optim, total)
         return [actor, critic]
 
@@ -417,10 +341,10 @@ class PPOModule(L.LightningModule):
         checkpoint["score_moments"] = self.moments.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.strict_loading = False
         self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
         self.moments = RunningMoments(**checkpoint["score_moments"])
 
-    def export(self, out_dir: Path) -> dict[str, str]:
-        """The policy (``merged`` + ``adapter``); a shared-base value adapter is saved beside it, never merged."""
-        return models.export_pretrained(self.policy, self.tokenizer, out_dir)
+    def export(self, out_dir: Path, dtype: str | None = None) -> dict[str, str]:
+        """The policy (``merged`` + ``adapter``; a shared-base value adapter is saved beside it, never merged)."""
+        rank_zero = self.trainer.is_global_zero
+        return models.export_pretrained(self.policy, self.tokenizer, out_dir, self.spec, rank_zero, dtype)
