@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lit_rlhf.losses.kl import KLEstimator
+from lit_rlhf.losses.kl import RewardKLEstimator
 
 
 def adaptive_kl_coef(kl_coef: float, current_kl: float, n_steps: int, target: float, horizon: int) -> float:
@@ -33,16 +33,16 @@ class KLSettings:
     """The KL penalty of the per-token reward.
 
     Args:
-        coef: initial KL coefficient beta (seed 000: 0.02 - 0.2).
+        coef: initial KL coefficient beta (typically 0.02 - 0.2; InstructGPT, Ouyang et al. 2022, uses 0.02).
         target: target KL in nats per sequence for the adaptive controller; ``null`` keeps beta fixed at ``coef``.
         horizon: adaptive controller horizon in samples (larger: slower adaptation).
-        estimator: per-token KL estimator in the reward, ``k1`` (log-ratio, InstructGPT/seed 000), ``k2`` or ``k3``.
+        estimator: per-token KL estimator in the reward, ``k1`` (log-ratio, InstructGPT Eq. 2), ``k2`` or ``k3``.
     """
 
     coef: float = 0.05
     target: float | None = None
     horizon: int = 10000
-    estimator: KLEstimator = "k1"
+    estimator: RewardKLEstimator = "k1"
 
 
 class FixedKLController:

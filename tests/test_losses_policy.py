@@ -1,4 +1,5 @@
-"""Policy losses and KL estimators against hand-derived closed forms and the seed 000 §5.2 / §7.2 formulas."""
+"""Policy losses and KL estimators against hand-derived closed forms and the written-out formulas of the GRPO
+(DeepSeekMath, Shao et al. 2024, Eq. 3) and PPO (Schulman et al. 2017, Eq. 7) papers."""
 
 import math
 
@@ -36,8 +37,9 @@ def test_kl_penalty_hand_values(estimator, expected):
     torch.testing.assert_close(kl_penalty(logps, ref_logps, estimator), _t(expected))
 
 
-def test_k3_nonnegative_and_equals_seed_form():
-    """k3 = exp(ref - logp) - (ref - logp) - 1 (seed 000 k3), >= 0 since e^y >= 1 + y."""
+def test_k3_nonnegative_and_equals_ratio_form():
+    """k3 = (rho - 1) - log rho with rho = pi_ref / pi, i.e. exp(ref - logp) - (ref - logp) - 1 (Schulman 2020;
+    DeepSeekMath Eq. 4), >= 0 since e^y >= 1 + y."""
     g = torch.Generator().manual_seed(0)
     logps, ref_logps = -3 * torch.rand(4, 7, generator=g), -3 * torch.rand(4, 7, generator=g)
     k3 = kl_penalty(logps, ref_logps, "k3")
@@ -63,12 +65,22 @@ RATIO_ONE = {
     "dr_grpo": (4 / 6, [[-1 / 6, -1 / 6, 0.0], [1 / 3, 1 / 3, 1 / 3]]),
     # s_i = 1, loss (1/B) sum_i -A_i = 0.5; d s_i / d logp_t = s_i / |o_i| -> same gradient as GRPO
     "gspo": (0.5, [[-0.25, -0.25, 0.0], [1 / 3, 1 / 3, 1 / 3]]),
+    # ratio 1 < c = 3: the dual clip never binds, GRPO exactly
+    "dual_clip": (0.5, [[-0.25, -0.25, 0.0], [1 / 3, 1 / 3, 1 / 3]]),
+    # -sum_{i,t} A_i logp / 5 = -(1 (-1 - 2) - 2 (-0.5 - 1.5 - 2.5)) / 5 = -6/5; weight clip(1) = 1, so the
+    # gradient -A_i / 5 is DAPO's
+    "cispo": (-1.2, [[-0.2, -0.2, 0.0], [0.4, 0.4, 0.4]]),
+    # f(1) = sigmoid(0) 4 / tau = 2 / tau: (-2 (A=1, tau_pos=1) + 4 / 1.05 (A=-2, tau_neg=1.05)) / 2; f'(1) = 1,
+    # so the gradient is GRPO's
+    "sapo": (-1 + 2 / 1.05, [[-0.25, -0.25, 0.0], [1 / 3, 1 / 3, 1 / 3]]),
 }
+HARD_CLIP = ("grpo", "dapo", "dr_grpo", "gspo", "dual_clip")  # the losses that zero the gradient of clipped tokens
 
 
 @pytest.mark.parametrize("name", sorted(GRPO_LOSSES))
 def test_ratio_one_is_policy_gradient(name):
-    """logps == old_logps: loss = -mean advantage under the variant's normalisation, grad = -A / normaliser."""
+    """logps == old_logps: loss = -mean advantage under the variant's normalisation, grad = -A / normaliser
+    (cispo and sapo: values as derived in RATIO_ONE, the same gradients)."""
     logps = _t([[-1.0, -2.0, 0.0], [-0.5, -1.5, -2.5]]).requires_grad_()
     loss, metrics = _call(name, logps, logps.detach().clone(), None, ADV, MASK)
     loss.backward()
@@ -79,7 +91,7 @@ def test_ratio_one_is_policy_gradient(name):
     assert all(not v.requires_grad and v.dim() == 0 for v in metrics.values())
 
 
-@pytest.mark.parametrize("name", sorted(GRPO_LOSSES))
+@pytest.mark.parametrize("name", HARD_CLIP)
 @pytest.mark.parametrize(
     ("advantage", "ratio", "clipped"),
     [
@@ -116,8 +128,16 @@ def test_grpo_mixed_batch_value_and_clip_metrics():
     -min(-0.7, -0.8) = 0.8; -min(0.7, 0.8) = -0.7; -min(1.5, 1.28) = -1.28; -min(-1.5, -1.28) = 1.5;
     mean = 0.32 / 4 = 0.08. Low clip engaged on row 0 only, high on row 2 only -> 1/4, 1/4, region 1/2."""
     logps = torch.log(_t([[0.7], [0.7], [1.5], [1.5]]))
-    loss, m = _call("grpo", logps, torch.zeros_like(logps), None, _t([-1.0, 1.0, 1.0, -1.0]), torch.ones_like(logps),
-                    epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
+    loss, m = _call(
+        "grpo",
+        logps,
+        torch.zeros_like(logps),
+        None,
+        _t([-1.0, 1.0, 1.0, -1.0]),
+        torch.ones_like(logps),
+        epsilon_low=EPS_LOW,
+        epsilon_high=EPS_HIGH,
+    )
     torch.testing.assert_close(loss, _t(0.08))
     assert (m["clip_ratio/low"].item(), m["clip_ratio/high"].item(), m["clip_ratio/region"].item()) == (0.25, 0.25, 0.5)
 
@@ -156,8 +176,9 @@ def test_gspo_sequence_ratio():
     torch.testing.assert_close(logps.grad, _t([[math.sqrt(2) / 2] * 2]))
 
 
-def test_grpo_matches_seed_loss():
-    """Seed 000 §7.2.3 grpo_loss (beta = 0, G completions of one prompt): -(1/G) sum_i (1/|o_i|) sum_t min(...)."""
+def test_grpo_matches_deepseekmath_eq3():
+    """DeepSeekMath Eq. 3 written out (beta = 0, G completions of one prompt, eps = 0.2):
+    -(1/G) sum_i (1/|o_i|) sum_t min(r A_i, clip(r, 0.8, 1.2) A_i)."""
     g = torch.Generator().manual_seed(1)
     G, T, input_len = 4, 6, 2
     logps = -torch.rand(G, T, generator=g, dtype=torch.float64)
@@ -168,8 +189,8 @@ def test_grpo_matches_seed_loss():
     ratio = torch.exp(logps - old)
     a = adv.unsqueeze(1)
     policy_gradient = torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
-    seed = ((-1 / G) * (1 / mask.sum(1, keepdim=True)) * policy_gradient * mask).sum()
-    torch.testing.assert_close(GRPO_LOSSES["grpo"](logps, old, None, adv, mask)[0], seed)
+    written_out = ((-1 / G) * (1 / mask.sum(1, keepdim=True)) * policy_gradient * mask).sum()
+    torch.testing.assert_close(GRPO_LOSSES["grpo"](logps, old, None, adv, mask)[0], written_out)
 
 
 # ---------------------------------------------------------------- PPO
@@ -203,8 +224,9 @@ def test_ppo_value_loss_closed_form():
     torch.testing.assert_close(m["value/clipfrac"], _t(1 / 3))
 
 
-def test_ppo_losses_match_seed_actor_and_critic():
-    """Seed 000 §5.2 get_loss_actor / get_loss_critic (advantages = delta, returns = delta + value_old) = ours / 8."""
+def test_ppo_losses_match_written_out_actor_and_critic():
+    """PPO Eq. 7 and the clipped value loss written out as standalone actor/critic losses (masked sums, clip 0.2,
+    divided by 8 accumulation steps; advantages = delta, returns = delta + value_old) equal ours / 8."""
     g = torch.Generator().manual_seed(2)
     B, T = 3, 5
     new = -torch.rand(B, T, generator=g, dtype=torch.float64)

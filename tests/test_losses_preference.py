@@ -11,7 +11,12 @@ import torch
 from lit_rlhf.losses import PREFERENCE_LOSSES, dpo_loss, hinge_loss, ipo_loss, robust_dpo_loss
 
 # one pair with h = (-1 - -2) - (-3 - -2.5) = 1 - (-0.5) = 1.5, and one with h = 0
-PC, PR, RC, RR = (torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -4.0]), torch.tensor([-2.0, -4.0]), torch.tensor([-2.5, -4.0]))
+PC, PR, RC, RR = (
+    torch.tensor([-1.0, -4.0]),
+    torch.tensor([-3.0, -4.0]),
+    torch.tensor([-2.0, -4.0]),
+    torch.tensor([-2.5, -4.0]),
+)
 
 
 def sigmoid(x):
@@ -35,11 +40,12 @@ def test_cdpo_label_smoothing_closed_form():
     assert losses[0].item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_dpo_matches_seed_formulation():
-    """Seed 000 §6: loss = -(sigmoid(0.1 (prob_diff - prob_diff_ref)) + 1e-8).log(), prob_diff = pc - pr."""
-    seed = -(torch.sigmoid(0.1 * ((PC - PR) - (RC - RR))) + 1e-8).log()
+def test_dpo_matches_written_out_formulation():
+    """DPO Eq. 7 written out as a training loop would: loss = -(sigmoid(0.1 (prob_diff - prob_diff_ref)) + 1e-8).log(),
+    prob_diff = pc - pr."""
+    reference = -(torch.sigmoid(0.1 * ((PC - PR) - (RC - RR))) + 1e-8).log()
     ours, _, _ = dpo_loss(PC, PR, RC, RR, beta=0.1)
-    torch.testing.assert_close(ours, seed, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(ours, reference, atol=1e-7, rtol=1e-6)
 
 
 def test_dpo_gradient_closed_form():
@@ -65,7 +71,9 @@ def test_robust_dpo_closed_form():
     """Robust DPO: ((1-e)(-log s(bh)) - e(-log s(-bh))) / (1-2e); e = 0.2, bh = 0.15; e = 0 is plain DPO."""
     e, bh = 0.2, 0.15
     expected = ((1 - e) * -math.log(sigmoid(bh)) - e * -math.log(sigmoid(-bh))) / (1 - 2 * e)
-    assert robust_dpo_loss(PC, PR, RC, RR, beta=0.1, label_smoothing=e)[0][0].item() == pytest.approx(expected, rel=1e-6)
+    assert robust_dpo_loss(PC, PR, RC, RR, beta=0.1, label_smoothing=e)[0][0].item() == pytest.approx(
+        expected, rel=1e-6
+    )
     torch.testing.assert_close(robust_dpo_loss(PC, PR, RC, RR, beta=0.1)[0], dpo_loss(PC, PR, RC, RR, beta=0.1)[0])
 
 

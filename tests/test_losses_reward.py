@@ -1,4 +1,4 @@
-"""Reward-model losses against hand-derived closed forms (seed 001: scored / pairwise / ranked records)."""
+"""Reward-model losses against hand-derived closed forms (scored / pairwise / ranked records; InstructGPT Eq. 1)."""
 
 import math
 

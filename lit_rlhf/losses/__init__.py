@@ -1,21 +1,32 @@
 """Pure loss functions, one per variant, selected by name in YAML. Grouped by family:
 
 - :mod:`.preference` — DPO, IPO, hinge, robust DPO (offline preference optimisation)
-- :mod:`.kl`         — k1/k2/k3 per-token KL estimators
-- :mod:`.policy`     — GRPO family (GRPO, DAPO, Dr. GRPO, GSPO) and PPO clipped policy/value losses
+- :mod:`.kl`         — k1/k2/k3, k3+ and importance-weighted k3 per-token KL estimators; KL in the reward
+- :mod:`.policy`     — GRPO family (GRPO, DAPO, Dr. GRPO, GSPO, dual clip, CISPO, SAPO): ``GRPO_LOSSES``
+- :mod:`.ppo`        — PPO clipped and dual-clip policy losses (``PPO_POLICY_LOSSES``), clipped value loss
+- :mod:`.correction` — rollout correction: truncated / masked importance weights (``ROLLOUT_CORRECTIONS``)
+- :mod:`.selection`  — token selection: top-entropy mask, off-policy sequence mask
 - :mod:`.reward`     — reward-model losses (Bradley–Terry, pointwise, K-wise ranking, centering)
 """
 
-from lit_rlhf.losses.kl import KLEstimator, kl_penalty
+from lit_rlhf.losses.correction import (
+    ROLLOUT_CORRECTIONS,
+    logp_diff_metrics,
+    masked_is_weights,
+    truncated_is_weights,
+)
+from lit_rlhf.losses.kl import KLEstimator, RewardKLEstimator, kl_in_reward, kl_penalty
 from lit_rlhf.losses.policy import (
     GRPO_LOSSES,
+    cispo_loss,
     dapo_loss,
     dr_grpo_loss,
+    dual_clip_loss,
     grpo_loss,
     gspo_loss,
-    ppo_policy_loss,
-    ppo_value_loss,
+    sapo_loss,
 )
+from lit_rlhf.losses.ppo import PPO_POLICY_LOSSES, ppo_dual_clip_loss, ppo_policy_loss, ppo_value_loss
 from lit_rlhf.losses.preference import PREFERENCE_LOSSES, dpo_loss, hinge_loss, ipo_loss, robust_dpo_loss
 from lit_rlhf.losses.reward import (
     bradley_terry_loss,
@@ -23,24 +34,38 @@ from lit_rlhf.losses.reward import (
     ranking_loss,
     reward_centering_penalty,
 )
+from lit_rlhf.losses.selection import off_policy_sequence_mask, top_entropy_mask
 
 __all__ = [
     "GRPO_LOSSES",
     "KLEstimator",
+    "PPO_POLICY_LOSSES",
     "PREFERENCE_LOSSES",
+    "ROLLOUT_CORRECTIONS",
+    "RewardKLEstimator",
     "bradley_terry_loss",
+    "cispo_loss",
     "dapo_loss",
     "dpo_loss",
     "dr_grpo_loss",
+    "dual_clip_loss",
     "grpo_loss",
     "gspo_loss",
     "hinge_loss",
     "ipo_loss",
+    "kl_in_reward",
     "kl_penalty",
+    "logp_diff_metrics",
+    "masked_is_weights",
+    "off_policy_sequence_mask",
     "pointwise_regression_loss",
+    "ppo_dual_clip_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
     "ranking_loss",
     "reward_centering_penalty",
     "robust_dpo_loss",
+    "sapo_loss",
+    "top_entropy_mask",
+    "truncated_is_weights",
 ]

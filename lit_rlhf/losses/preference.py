@@ -28,6 +28,8 @@ def _rewards_and_margin(
     ref_rejected_logps: torch.Tensor,
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not beta > 0:  # 0: a flat loss (IPO: a division by zero); < 0: the rejected response is preferred
+        raise ValueError(f"beta must be > 0, got {beta}")
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     chosen_rewards = beta * chosen_logratios.detach()

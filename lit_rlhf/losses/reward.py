@@ -1,4 +1,4 @@
-"""Reward-model losses on scalar rewards (seed 001 "reward-model losses"; seed 000 §4 Bradley–Terry).
+"""Reward-model losses on scalar rewards (Bradley–Terry pairwise, pointwise, K-wise ranking, centering).
 
 - ``bradley_terry_loss``:        -log sigmoid(r_c - r_r - m)               pairwise (InstructGPT, Ouyang et al.
                                                                            2022, Eq. 1; margin m as in Llama 2)

@@ -1,0 +1,199 @@
+"""Rollout correction (truncated / masked importance weights, token and sequence level) and off-policy sequence
+masking: hand-derived closed forms, and the formulas of TRL ``trl/trainer/grpo_trainer.py``
+(``vllm_importance_sampling_mode``, ``get_off_policy_mask``) and verl ``verl/trainer/ppo/rollout_corr_helper.py``
+(``compute_rollout_correction_weights``) written out independently."""
+
+import math
+
+import pytest
+import torch
+
+from lit_rlhf.losses import (
+    GRPO_LOSSES,
+    ROLLOUT_CORRECTIONS,
+    logp_diff_metrics,
+    masked_is_weights,
+    off_policy_sequence_mask,
+    truncated_is_weights,
+)
+
+
+def _t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+# Token ratios rho = exp(old - sample): (0.4, 1, 3 | 1.5, 2.5, pad). The padded position holds junk (log ratio 5).
+RATIOS = [[0.4, 1.0, 3.0], [1.5, 2.5, math.exp(5.0)]]
+MASK = _t([[1, 1, 1], [1, 1, 0]])
+SAMPLE = _t([[-1.0, -2.0, -0.5], [-1.5, -0.7, -3.0]])
+OLD = SAMPLE + torch.log(_t(RATIOS))
+
+
+def _metric(m, name):
+    return m[f"rollout_correction/{name}"].item()
+
+
+def test_tis_token_level():
+    """TIS, high = 2: w = min(rho, 2) = (0.4, 1, 2 | 1.5, 2, 0 pad); 2 of 5 tokens truncated (3 and 2.5);
+    min 0.4, mean 6.9 / 5 = 1.38, max 2. With low = 0.5 the 0.4 is raised to 0.5 too: 3 of 5 truncated."""
+    w, m = truncated_is_weights(OLD, SAMPLE, MASK, high=2.0)
+    torch.testing.assert_close(w, _t([[0.4, 1.0, 2.0], [1.5, 2.0, 0.0]]))
+    assert (_metric(m, "weight_min"), _metric(m, "weight_max")) == (pytest.approx(0.4), pytest.approx(2.0))
+    assert _metric(m, "weight_mean") == pytest.approx(1.38)
+    assert _metric(m, "truncated_fraction") == pytest.approx(0.4) and _metric(m, "masked_fraction") == 0
+    w, m = truncated_is_weights(OLD, SAMPLE, MASK, low=0.5, high=2.0)
+    torch.testing.assert_close(w, _t([[0.5, 1.0, 2.0], [1.5, 2.0, 0.0]]))
+    assert _metric(m, "truncated_fraction") == pytest.approx(0.6)
+
+
+def test_mis_token_level():
+    """MIS, [0.5, 2]: rho kept inside, 0 outside: (0, 1, 0 | 1.5, 0, 0 pad); masked 3 of 5; min 0, mean 0.5, max
+    1.5."""
+    w, m = masked_is_weights(OLD, SAMPLE, MASK, low=0.5, high=2.0)
+    torch.testing.assert_close(w, _t([[0.0, 1.0, 0.0], [1.5, 0.0, 0.0]]))
+    assert _metric(m, "masked_fraction") == pytest.approx(0.6) and _metric(m, "truncated_fraction") == 0
+    assert [_metric(m, k) for k in ("weight_min", "weight_mean", "weight_max")] == pytest.approx([0.0, 0.5, 1.5])
+
+
+def test_sequence_level_product_of_token_ratios():
+    """Sequence rho = prod_t rho_t over valid tokens: 0.4 * 1 * 3 = 1.2 and 1.5 * 2.5 = 3.75 (the junk padded ratio
+    e^5 does not enter). TIS (high 2): (1.2, 2) on every token of the row, 1 of 2 completions truncated, mean over
+    completions 1.6. MIS [0.5, 2]: row 0 keeps 1.2, row 1 is dropped: masked 1/2."""
+    w, m = truncated_is_weights(OLD, SAMPLE, MASK, level="sequence", high=2.0)
+    torch.testing.assert_close(w, _t([[1.2, 1.2, 1.2], [2.0, 2.0, 0.0]]))
+    assert _metric(m, "truncated_fraction") == pytest.approx(0.5) and _metric(m, "weight_mean") == pytest.approx(1.6)
+    w, m = masked_is_weights(OLD, SAMPLE, MASK, level="sequence", low=0.5, high=2.0)
+    torch.testing.assert_close(w, _t([[1.2, 1.2, 1.2], [0.0, 0.0, 0.0]]))
+    assert _metric(m, "masked_fraction") == pytest.approx(0.5)
+
+
+def test_extreme_log_ratios_stay_finite():
+    """A sequence log-ratio of 100 (rho = e^100): TIS caps it at high (exp of the log-ratio clamped at 20), MIS
+    drops it (decided on the unclamped log-ratio); -100 is raised to low / dropped. Nothing is inf or nan."""
+    old, sample, mask = _t([[50.0, 50.0], [-50.0, -50.0]]), torch.zeros(2, 2, dtype=torch.float64), torch.ones(2, 2)
+    w, _ = truncated_is_weights(old, sample, mask, level="sequence", low=0.5, high=3.0)
+    torch.testing.assert_close(w, _t([[3.0, 3.0], [0.5, 0.5]]))
+    w, m = masked_is_weights(old, sample, mask, level="sequence", low=0.5, high=3.0)
+    assert (w == 0).all() and _metric(m, "masked_fraction") == 1.0 and torch.isfinite(w).all()
+
+
+def test_bounds_and_level_validated():
+    with pytest.raises(ValueError, match="low <= 1 <= high"):
+        truncated_is_weights(OLD, SAMPLE, MASK, high=0.9)
+    with pytest.raises(ValueError, match="low <= 1 <= high"):
+        masked_is_weights(OLD, SAMPLE, MASK, low=1.5, high=2.0)
+    with pytest.raises(ValueError, match="level"):
+        masked_is_weights(OLD, SAMPLE, MASK, level="geometric")
+    assert ROLLOUT_CORRECTIONS == {"tis": truncated_is_weights, "mis": masked_is_weights}
+
+
+def _random(seed=0, B=5, T=7):
+    g = torch.Generator().manual_seed(seed)
+    sample = -2 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    old = sample + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([T, 4, 2, T - 1, 5])[:B]
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).double()
+    return old, sample, mask
+
+
+def trl_importance_ratio(old, sample, mask, mode, clip_min, clip_max):
+    """TRL vllm_importance_sampling_mode: diff = (old - sample) * mask, summed per row for sequence_* modes;
+    ratio = exp(diff); *_truncate clamps to [clip_min, clip_max], *_mask zeroes ratios outside (None = unbounded)."""
+    diff = (old - sample) * mask
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    lo = -math.inf if clip_min is None else clip_min
+    hi = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_weights_match_trl_and_verl(level):
+    """On random ratios: TIS (high 3) = TRL {level}_truncate with clip_max 3; TIS (low 0.5, high 3) = TRL with
+    clip_min 0.5; MIS [0.5, 3] = TRL {level}_mask; TIS (high 2) = verl compute_rollout_correction_weights
+    (rollout_is=level, threshold 2: exp of the log-ratio clamped to +-20, times the mask, clamped above at 2)."""
+    old, sample, mask = _random()
+    for correction, mode, low, high in [
+        ("tis", "truncate", 0.0, 3.0),
+        ("tis", "truncate", 0.5, 3.0),
+        ("mis", "mask", 0.5, 3.0),
+    ]:
+        ours, _ = ROLLOUT_CORRECTIONS[correction](old, sample, mask, level=level, low=low, high=high)
+        trl = trl_importance_ratio(old, sample, mask, f"{level}_{mode}", low or None, high)
+        torch.testing.assert_close(ours, trl.expand_as(mask) * mask)
+    log_ratio = (old - sample) * mask
+    if level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True)
+    verl = (torch.exp(log_ratio.clamp(-20, 20)) * mask).clamp(max=2.0)
+    torch.testing.assert_close(truncated_is_weights(old, sample, mask, level=level, high=2.0)[0], verl)
+
+
+def test_weights_enter_the_loss_like_trl():
+    """TRL multiplies the per-token GRPO loss by the importance ratio before the per-sequence mean and adds beta k3
+    after: grpo_loss(weights = token TIS weights) equals that, value and gradient (the weights carry none)."""
+    old, sample, mask = _random(seed=1)
+    g = torch.Generator().manual_seed(11)
+    adv = torch.randn(old.shape[0], generator=g, dtype=torch.float64)
+    logps = old + 0.3 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    ref = old - 0.2
+    w, _ = truncated_is_weights(old, sample, mask, high=2.0)
+    ratio = trl_importance_ratio(old, sample, mask, "token_truncate", None, 2.0)
+
+    def trl(x):
+        r = torch.exp(x - old)
+        pg = -torch.min(r * adv[:, None], torch.clamp(r, 0.8, 1.2) * adv[:, None]) * ratio
+        kl = torch.exp(ref - x) - (ref - x) - 1
+        return (((pg + 0.05 * kl) * mask).sum(-1) / mask.sum(-1)).mean()
+
+    def ours(x):
+        return GRPO_LOSSES["grpo"](x, old, ref, adv, mask, beta=0.05, weights=w)[0]
+
+    x1, x2 = logps.clone().requires_grad_(), logps.clone().requires_grad_()
+    a, b = ours(x1), trl(x2)
+    a.backward(), b.backward()
+    torch.testing.assert_close((a, x1.grad), (b, x2.grad))
+
+
+def test_logp_diff_metrics():
+    """|old - sample| = |ln rho| on the 5 valid tokens: mean (|ln 0.4| + 0 + ln 3 + ln 1.5 + ln 2.5) / 5, max
+    ln 3 = 1.0986 (the padded e^5, log-ratio 5, is ignored)."""
+    m = logp_diff_metrics(OLD, SAMPLE, MASK)
+    diffs = [abs(math.log(r)) for r in (0.4, 1.0, 3.0, 1.5, 2.5)]
+    assert m["rollout/logp_diff/mean"].item() == pytest.approx(sum(diffs) / 5)
+    assert m["rollout/logp_diff/max"].item() == pytest.approx(max(diffs))
+
+
+# ---------------------------------------------------------------- off-policy sequence mask
+
+
+def test_off_policy_sequence_mask_closed_form():
+    """delta = 0.5; mean over valid tokens of sample - logp: row 0 (0.4, 0.8 | pad 9) = 0.6 with A < 0 -> dropped;
+    row 1 the same drift with A > 0 -> kept; row 2 mean 0.2 with A < 0 -> kept (under delta); row 3 A = 0 counts
+    as non-negative -> kept. Masked: 2 of 8 valid tokens."""
+    logps = torch.zeros(4, 3, dtype=torch.float64)
+    sample = _t([[0.4, 0.8, 9.0], [0.4, 0.8, 9.0], [0.1, 0.3, 0.2], [2.0, 2.0, 2.0]])
+    mask = _t([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    keep, m = off_policy_sequence_mask(_t([-1.0, 1.0, -1.0, 0.0]), logps, sample, mask, threshold=0.5)
+    torch.testing.assert_close(keep, _t([[0, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]]))
+    assert m["off_policy_mask/masked_fraction"].item() == pytest.approx(2 / 8)
+    assert m["off_policy_mask/seq_kl_max"].item() == pytest.approx(2.0)
+
+
+def test_off_policy_sequence_mask_matches_trl_and_per_token_advantages():
+    """TRL get_off_policy_mask: kl = sample - logp (detached), per-row masked mean, keep (A >= 0) | (kl <= delta).
+    Per-token advantages constant on a row give the same mask as per-sequence ones."""
+    old, sample, mask = _random(seed=2)
+    g = torch.Generator().manual_seed(12)
+    adv = torch.randn(old.shape[0], generator=g, dtype=torch.float64)
+    logps = old.clone().requires_grad_()
+    kl = ((sample - logps.detach()) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    for delta in (-0.1, 0.0, 0.2):
+        trl = ((adv[:, None] >= 0) | (kl <= delta)).double()
+        keep, _ = off_policy_sequence_mask(adv, logps, sample, mask, delta)
+        torch.testing.assert_close(keep, trl * mask)
+        per_token, _ = off_policy_sequence_mask(adv[:, None].expand_as(mask), logps, sample, mask, delta)
+        torch.testing.assert_close(per_token, keep)
+    assert not keep.requires_grad
