@@ -5,8 +5,9 @@ import hashlib
 import pytest
 import torch
 
-from lit_rlhf.cli import RLHFCLI, runs_on_cpu
+from lit_rlhf.cli import RLHFCLI
 from lit_rlhf.data.prompts import PromptDataModule
+from lit_rlhf.hardware import runs_on_cpu
 from lit_rlhf.stages.grpo import GRPOModule
 
 
