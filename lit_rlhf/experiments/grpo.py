@@ -19,13 +19,24 @@ from lit_rlhf.data.prompts import PromptDataModule
 from lit_rlhf.stages.grpo import GRPOModule
 
 # Manual optimization clips inside the module (model.max_grad_norm): the Trainer must not clip.
-TRAINER_DEFAULTS = {"max_steps": 30, "val_check_interval": 15, "check_val_every_n_epoch": None, "gradient_clip_val": None}
+TRAINER_DEFAULTS = {
+    "max_steps": 30,
+    "val_check_interval": 15,
+    "check_val_every_n_epoch": None,
+    "gradient_clip_val": None,
+}
 # The default experiment: short answers (a bare number fits in 12 tokens), so a CPU step takes seconds.
-DEFAULTS = {"data.instruction": "Answer with just the number.", "model.sampling.max_new_tokens": 12, "data.max_val_records": 64}
+DEFAULTS = {
+    "data.instruction": "Answer with just the number.",
+    "model.sampling.max_new_tokens": 12,
+    "data.max_val_records": 64,
+}
 
 
 def main(args=None):
-    return run_stage(GRPOModule, PromptDataModule, "grpo", TRAINER_DEFAULTS, args=args, description=__doc__, defaults=DEFAULTS)
+    return run_stage(
+        GRPOModule, PromptDataModule, "grpo", TRAINER_DEFAULTS, args=args, description=__doc__, defaults=DEFAULTS
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Pipelines: ``python -m lit_rlhf.experiments.pipeline {plan,run} SPEC`` chains stages, each feeding the next its export.
+"""Pipelines: ``python -m lit_rlhf.experiments.pipeline {plan,run} SPEC`` chains stages; each feeds the next
+its export.
 
 A pipeline spec (``experiments/pipeline/<name>.yaml``) describes the chain in one file::
 
@@ -23,7 +24,7 @@ Each step runs with ``--output_dir <run dir>/<step>``, its ``overrides`` and ``i
 ``export/merged`` by path), and ``--wandb.group=<run name>`` (one group per pipeline run; ``--run-name`` names a
 fresh run, default: the spec's ``name``). Resumable: a step whose ``final_metrics.json`` and ``export/merged`` exist
 is done and skipped; a step that left a checkpoint resumes from it (``--ckpt_path``); ``skip: true`` in the spec or
-``--skip STEP`` skips a step whose export already exists; ``--force STEP`` reruns one from scratch.
+``--skip STEP`` skips a step whose export already exists; ``--force STEP`` reruns one from scratch (``--overwrite``).
 
     python -m lit_rlhf.experiments.pipeline plan experiments/pipeline/sft-rm-ppo-smollm2.yaml
     python -m lit_rlhf.experiments.pipeline run experiments/pipeline/sft-rm-ppo-smollm2.yaml
@@ -103,7 +104,12 @@ def load_pipeline(path: str | Path) -> PipelineSpec:
         for key in ("overrides", "inputs"):
             s[key] = _mapping(s.get(key) or {}, f"{where}.{key}")
         steps.append(Step(**s))
-    spec = PipelineSpec(name=raw["name"], steps=steps, output_root=raw.get("output_root") or "runs/pipelines", tags=raw.get("tags") or [])
+    spec = PipelineSpec(
+        name=raw["name"],
+        steps=steps,
+        output_root=raw.get("output_root") or "runs/pipelines",
+        tags=raw.get("tags") or [],
+    )
     validate(spec, str(path))
     return spec
 
@@ -111,7 +117,9 @@ def load_pipeline(path: str | Path) -> PipelineSpec:
 def validate(spec: PipelineSpec, source: str = "pipeline spec") -> None:
     name_re = r"[A-Za-z0-9][A-Za-z0-9._-]*"
     if not re.fullmatch(name_re, spec.name):
-        raise ValueError(f"{source}: name {spec.name!r} must be letters, digits, '.', '_' or '-' (it names a directory)")
+        raise ValueError(
+            f"{source}: name {spec.name!r} must be letters, digits, '.', '_' or '-' (it names a directory)"
+        )
     seen: list[str] = []
     for step in spec.steps:
         where = f"{source}: step {step.name!r}"
@@ -129,13 +137,15 @@ def validate(spec: PipelineSpec, source: str = "pipeline spec") -> None:
         clash = sorted(set(step.inputs) & set(step.overrides))
         reserved = sorted(k for k in [*step.inputs, *step.overrides] if k in RESERVED or k.startswith("wandb."))
         if clash or reserved:
-            raise ValueError(f"{where}: {clash or reserved} set twice or set by the pipeline (output_dir, ckpt_path, W&B group)")
+            raise ValueError(
+                f"{where}: {clash or reserved} set twice or set by the pipeline (output_dir, ckpt_path, W&B group)"
+            )
         seen.append(step.name)
 
 
 def step_status(step_dir: str | Path) -> str:
-    """``done`` (final_metrics.json and export/merged exist), ``partial`` (a checkpoint, no final metrics: the
-    run's ``checkpoints/last.ckpt`` or a SLURM ``hpc_ckpt_*.ckpt``) or ``new``."""
+    """``done`` (final_metrics.json and export/merged exist), ``partial`` (no final metrics, a checkpoint that
+    loads: :func:`lit_rlhf.checkpointing.newest_checkpoint`, what ``--ckpt_path last`` resumes) or ``new``."""
     d = Path(step_dir)
     if (d / "final_metrics.json").is_file() and (d / EXPORT).is_dir():
         return "done"
@@ -150,11 +160,19 @@ def step_args(spec: PipelineSpec, step: Step, run_dir: str | Path, run_name: str
     args += [f"--{k}={format_value(v)}" for k, v in step.overrides.items()]
     args += [f"--{k}={run_dir / source / EXPORT}" for k, source in step.inputs.items()]
     tags = [spec.name, step.stage, *spec.tags]
-    return args + [f"--wandb.group={run_name}", f"--wandb.name={run_name}-{step.name}", f"--wandb.tags={format_value(tags)}"]
+    return args + [
+        f"--wandb.group={run_name}",
+        f"--wandb.name={run_name}-{step.name}",
+        f"--wandb.tags={format_value(tags)}",
+    ]
 
 
 def run(
-    spec: PipelineSpec, run_name: str | None = None, in_process: bool = False, skip: tuple[str, ...] = (), force: tuple[str, ...] = (),
+    spec: PipelineSpec,
+    run_name: str | None = None,
+    in_process: bool = False,
+    skip: tuple[str, ...] = (),
+    force: tuple[str, ...] = (),
 ) -> dict[str, str]:
     """Run the steps in order; returns step -> what happened (``ran``, ``resumed``, ``done``, ``skipped``)."""
     run_name = run_name or spec.name
@@ -166,13 +184,20 @@ def run(
             status = "new"
         elif step.skip or step.name in skip or status == "done":
             if not (run_dir / step.name / EXPORT).is_dir():
-                raise FileNotFoundError(f"step {step.name!r} is skipped but {run_dir / step.name / EXPORT} does not exist")
-            print(f"[pipeline] {step.name}: {'done' if status == 'done' else 'skipped'} ({run_dir / step.name})", flush=True)
+                raise FileNotFoundError(
+                    f"step {step.name!r} is skipped but {run_dir / step.name / EXPORT} does not exist"
+                )
+            print(
+                f"[pipeline] {step.name}: {'done' if status == 'done' else 'skipped'} ({run_dir / step.name})",
+                flush=True,
+            )
             outcome[step.name] = "done" if status == "done" else "skipped"
             continue
         args = step_args(spec, step, run_dir, run_name)
         if status == "partial":
             args += resume_args(run_dir / step.name)
+        elif step.name in force:
+            args += ["--overwrite"]  # starts over: the step's earlier files are deleted first
         started = time.perf_counter()
         print(f"[pipeline] {step.name}: python -m lit_rlhf.experiments.{step.stage} {shlex.join(args)}", flush=True)
         if in_process:
@@ -194,12 +219,20 @@ def _finish_wandb() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lit_rlhf.experiments.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m lit_rlhf.experiments.pipeline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("command", choices=("plan", "run"))
     ap.add_argument("spec", help="experiments/pipeline/<name>.yaml")
-    ap.add_argument("--run-name", default=None, help="names this run (directory and W&B group); default: the spec's name")
+    ap.add_argument(
+        "--run-name", default=None, help="names this run (directory and W&B group); default: the spec's name"
+    )
     ap.add_argument("--output-root", default=None, help="replaces the spec's output_root")
-    ap.add_argument("--in-process", action="store_true", help="run the stages in this process (default: one subprocess each)")
+    ap.add_argument(
+        "--in-process", action="store_true", help="run the stages in this process (default: one subprocess each)"
+    )
     ap.add_argument("--skip", action="append", default=[], help="skip this step (its export must exist); repeatable")
     ap.add_argument("--force", action="append", default=[], help="rerun this step from scratch; repeatable")
     args = ap.parse_args(argv)
@@ -213,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(spec.output_root) / run_name
     if args.command == "plan":
         for step in spec.steps:
-            print(f"[{step_status(run_dir / step.name):7s}] {step.name}: python -m lit_rlhf.experiments.{step.stage} "
-                  f"{shlex.join(step_args(spec, step, run_dir, run_name))}")
+            print(
+                f"[{step_status(run_dir / step.name):7s}] {step.name}: python -m lit_rlhf.experiments.{step.stage} "
+                f"{shlex.join(step_args(spec, step, run_dir, run_name))}"
+            )
         return 0
     outcome = run(spec, run_name, args.in_process, tuple(args.skip), tuple(args.force))
     print(f"[pipeline] {run_name}: " + ", ".join(f"{k} {v}" for k, v in outcome.items()) + f"; outputs in {run_dir}")

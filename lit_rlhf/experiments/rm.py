@@ -30,11 +30,10 @@ from lit_rlhf.data.scored import RewardDataModule
 from lit_rlhf.stages.reward_model import RewardModule
 
 TRAINER_DEFAULTS = {"max_steps": 50, "val_check_interval": 1000, "check_val_every_n_epoch": None}
-LINKS = {"model.backbone.name": "data.tokenizer"}
 
 
 def main(args=None):
-    return run_stage(RewardModule, RewardDataModule, "rm", TRAINER_DEFAULTS, args=args, description=__doc__, links=LINKS)
+    return run_stage(RewardModule, RewardDataModule, "rm", TRAINER_DEFAULTS, args=args, description=__doc__)
 
 
 if __name__ == "__main__":
