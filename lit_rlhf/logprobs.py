@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +67,11 @@ class _HeadLogps(torch.autograd.Function):
         total = exp.sum(-1, keepdim=True)
         lse = total.log()  # of the shifted logits
         logps = shifted.gather(-1, targets[:, None]).sub_(lse).squeeze(-1)
-        entropy = (lse.squeeze(-1) - torch.linalg.vecdot(exp, shifted) / total.squeeze(-1)) if with_entropy else logps.new_zeros(0)
+        entropy = (
+            (lse.squeeze(-1) - torch.linalg.vecdot(exp, shifted) / total.squeeze(-1))
+            if with_entropy
+            else logps.new_zeros(0)
+        )
         del exp
         ctx.save_for_backward(hidden, weight, targets, shifted, lse)
         ctx.temperature = temperature
@@ -89,7 +93,11 @@ class _HeadLogps(torch.autograd.Function):
 
 
 def head_logps(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logps [N], entropy [N] or None) of ``targets`` [N] under the head ``weight`` [V, H] applied to ``hidden`` [N, H]
     at ``temperature``: the output head fused with the log-softmax (gradients reach ``hidden`` and ``weight``)."""
@@ -107,7 +115,7 @@ def head_outside(lm: torch.nn.Module) -> Iterator[torch.nn.Linear | None]:
     result or cannot work: no ``get_output_embeddings`` (a wrapper), a head that is not a bias-free ``nn.Linear``
     (a LoRA-adapted head), a sharded (FSDP2) head, or a model that transforms its logits (soft-capping), or with the
     environment variable ``LIT_RLHF_FUSED_HEAD=0``."""
-    from lit_rlhf.distributed import is_sharded
+    from torch.distributed.tensor import DTensor
 
     if os.environ.get("LIT_RLHF_FUSED_HEAD") == "0":
         yield None
@@ -118,8 +126,12 @@ def head_outside(lm: torch.nn.Module) -> Iterator[torch.nn.Linear | None]:
     head = get_head() if callable(get_head) else None
     config = getattr(base, "config", None)
     usable = (
-        type(head) is torch.nn.Linear and head.bias is None and not is_sharded(lm) and hasattr(base, "set_output_embeddings")
-        and getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and not isinstance(head.weight, DTensor)
+        and hasattr(base, "set_output_embeddings")
+        and getattr(config, "final_logit_softcapping", None) is None
+        and getattr(config, "logit_scale", None) is None
     )
     if not usable:
         yield None
@@ -131,9 +143,10 @@ def head_outside(lm: torch.nn.Module) -> Iterator[torch.nn.Linear | None]:
         base.set_output_embeddings(head)
 
 
-@torch.no_grad()
 def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last dim: [N, V] -> [N]; a metric, so computed without grad."""
+    """Entropy of softmax(logits) over the last dim, in float32, ``chunk_rows`` rows at a time: [N, V] -> [N].
+
+    Differentiable (the PPO entropy bonus); pass ``logits.detach()`` where it is only a metric."""
     out = []
     for lg in logits.split(chunk_rows):
         logp = F.log_softmax(lg.float(), dim=-1)
@@ -160,7 +173,9 @@ def token_logps(
     scored = loss_mask.bool()
     kwargs = {"position_ids": position_ids} if position_ids is not None else {}
     with head_outside(lm) as head:
-        out = lm(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False, **kwargs).logits
+        out = lm(
+            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False, **kwargs
+        ).logits
     if out.dim() == 3:  # a model without bool logits_to_keep support returned every position
         out = out[keep]
     logps, entropy = _score(out, head, input_ids[scored], temperature, with_entropy)
@@ -170,12 +185,13 @@ def token_logps(
 def _score(
     out: torch.Tensor, head: torch.nn.Linear | None, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(logps [N], entropy [N] or None) from ``out`` [N, *]: hidden states when ``head`` is given (fused head), else logits."""
+    """(logps [N], entropy [N] or None) from ``out`` [N, *]: hidden states when ``head`` is given (fused head), else
+    logits."""
     if head is not None:
         return head_logps(out, head.weight, targets, temperature, with_entropy)
     if temperature != 1.0:
         out = out / temperature
-    return selective_log_softmax(out, targets), (entropy_from_logits(out) if with_entropy else None)
+    return selective_log_softmax(out, targets), (entropy_from_logits(out.detach()) if with_entropy else None)
 
 
 def response_logps(
@@ -200,17 +216,25 @@ def response_logps(
     scored = response_mask.bool()
     keep = F.pad(scored[:, 1:], (0, 1))  # response position j predicts token j + 1
     with head_outside(lm) as head:  # with a fused head, "logits" below are hidden states
-        first = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True, logits_to_keep=1)
-        cache = first.past_key_values
+        first = lm(
+            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True, logits_to_keep=1
+        )
+        cache = first.cache
         cache.batch_select_indices(prompt_index)
         first_out = first.logits[prompt_index, -1]  # [N, V] (or [N, H])
         attention_mask = torch.cat([prompt_mask[prompt_index], response_mask.to(prompt_mask.dtype)], dim=1)
-        positions = prompt_mask.sum(-1)[prompt_index, None] + torch.arange(response_ids.shape[1], device=response_ids.device)
+        positions = prompt_mask.sum(-1)[prompt_index, None] + torch.arange(
+            response_ids.shape[1], device=response_ids.device
+        )
         rest = first_out.new_zeros(0, first_out.shape[-1])
         if keep.any():
             rest = lm(
-                input_ids=response_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=keep,
+                input_ids=response_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=keep,
             ).logits
             if rest.dim() == 3:  # a model without bool logits_to_keep support
                 rest = rest[keep]
@@ -229,12 +253,8 @@ def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logps(logps: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of token logps over the scored tokens: [B, T] -> [B]."""
-    return (logps * loss_mask).sum(-1)
-
-
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+    """Per-row sum over the scored tokens: [B, T] -> [B] (a sequence's logp; likewise its KL from per-token KL)."""
+    return (logps * loss_mask.to(logps.dtype)).sum(-1)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

@@ -24,7 +24,9 @@ def model_identity(name: str, dtype: str, seed: int, revision: str | None) -> di
         ident["seed"] = seed
     path = Path(name)
     if path.is_dir():
-        ident["files"] = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in path.iterdir() if p.is_file())
+        ident["files"] = sorted(
+            (p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in path.iterdir() if p.is_file()
+        )
     return ident
 
 

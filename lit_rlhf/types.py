@@ -1,4 +1,8 @@
-"""Typed batch containers. Every tensor is right-padded; shapes use B = batch rows, T = padded length.
+"""Typed batch containers; shapes use B = batch rows, T = padded length.
+
+Padding: prompts are LEFT-padded (``prompt_ids``/``prompt_mask`` and :class:`PromptBatch`, so generation appends to
+the right end of every row); responses and full sequences (``response_ids``/``response_mask``, :class:`SFTBatch`) are
+RIGHT-padded.
 
 Position convention (shared by every stage, enforced in :mod:`lit_rlhf.logprobs`): ``logps[b, t]`` is
 ``log p(input_ids[b, t] | input_ids[b, :t])``, so it lines up with ``input_ids``; ``loss_mask[b, t]`` is 1 where
@@ -16,11 +20,9 @@ import torch
 
 @dataclass
 class _Batch:
-    def to(self, device: torch.device | str) -> "_Batch":
-        moved = {
-            f.name: (getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name))
-            for f in fields(self)
-        }
+    def to(self, device: torch.device | str) -> _Batch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
         return replace(self, **moved)
 
     def __len__(self) -> int:
@@ -57,10 +59,13 @@ class PromptResponseBatch(_Batch):
         return int(self.response_ids.shape[0])
 
     def as_sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask, loss_mask, position_ids), each [N, P + R]."""
+        """(input_ids, attention_mask, loss_mask, position_ids), each [N, P + R]: a row's prompt padding stays on the
+        left, its response padding on the right; ``position_ids`` count real tokens only."""
+        prompt_mask = self.prompt_mask[self.prompt_index]
+        response_mask = self.response_mask.to(prompt_mask.dtype)
         input_ids = torch.cat([self.prompt_ids[self.prompt_index], self.response_ids], dim=1)
-        attention_mask = torch.cat([self.prompt_mask[self.prompt_index], self.response_mask.to(self.prompt_mask.dtype)], dim=1)
-        loss_mask = torch.cat([torch.zeros_like(self.prompt_mask[self.prompt_index]), self.response_mask.to(self.prompt_mask.dtype)], dim=1)
+        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+        loss_mask = torch.cat([torch.zeros_like(prompt_mask), response_mask], dim=1)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return input_ids, attention_mask, loss_mask, position_ids
 
@@ -122,7 +127,7 @@ class Rollout(PromptResponseBatch):
         """Tokens per completion [N] (EOS included)."""
         return self.response_mask.sum(-1)
 
-    def select(self, rows: torch.Tensor) -> "Rollout":
+    def select(self, rows: torch.Tensor) -> Rollout:
         """The completions ``rows`` ([n] indices) with only the prompts they answer (prompt order kept)."""
         used, prompt_index = torch.unique(self.prompt_index[rows], sorted=True, return_inverse=True)
         prompt_mask = self.prompt_mask[used]
@@ -132,9 +137,14 @@ class Rollout(PromptResponseBatch):
             return None if x is None else x[rows]
 
         return Rollout(
-            self.prompt_ids[used][:, prompt_mask.shape[1] - width :], prompt_mask[:, prompt_mask.shape[1] - width :],
-            self.response_ids[rows], self.response_mask[rows], prompt_index, self.truncated[rows],
-            pick(self.sample_logps), pick(self.entropy),
+            self.prompt_ids[used][:, prompt_mask.shape[1] - width :],
+            prompt_mask[:, prompt_mask.shape[1] - width :],
+            self.response_ids[rows],
+            self.response_mask[rows],
+            prompt_index,
+            self.truncated[rows],
+            pick(self.sample_logps),
+            pick(self.entropy),
             [self.prompts[i] for i in used.tolist()] if self.prompts else [],
             [self.completions[i] for i in rows.tolist()] if self.completions else [],
         )

@@ -23,7 +23,17 @@ from pathlib import Path
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scancel", "squeue", "scontrol", "sinfo")
 APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+FINISHED = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+)
 
 
 def missing_binaries() -> list[str]:
@@ -41,8 +51,10 @@ def ensure_slurm_installed(timeout: float = 900) -> str | None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     t0 = time.time()
     wait_lock = ["-o", "DPkg::Lock::Timeout=300"]  # another apt/dpkg run (e.g. a second test session) finishes first
-    for cmd in (["apt-get", *wait_lock, "update", "-qq"],
-                ["apt-get", *wait_lock, "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES]):
+    for cmd in (
+        ["apt-get", *wait_lock, "update", "-qq"],
+        ["apt-get", *wait_lock, "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES],
+    ):
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -80,46 +92,49 @@ class LocalSlurm:
     def slurm_conf(self, ctld_port: int, slurmd_port: int) -> str:
         mem_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
         r = self.root
-        return "\n".join([
-            f"ClusterName={self.cluster_name}",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
-            f"SlurmctldPort={ctld_port}",
-            f"SlurmdPort={slurmd_port}",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket},cred_expire=10",  # a requeued job waits cred_expire (default 120 s)
-            f"StateSaveLocation={r}/state",
-            f"SlurmdSpoolDir={r}/spool",
-            f"SlurmctldPidFile={r}/slurmctld.pid",
-            f"SlurmdPidFile={r}/slurmd.pid",
-            f"SlurmctldLogFile={r}/log/slurmctld.log",
-            f"SlurmdLogFile={r}/log/slurmd.log",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "JobCompType=jobcomp/none",
-            "SwitchType=switch/none",
-            "MpiDefault=none",
-            "MailProg=/bin/true",
-            "SchedulerType=sched/backfill",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core",
-            "SlurmdParameters=config_overrides",
-            "ReturnToService=2",
-            "MinJobAge=3600",
-            "SlurmctldTimeout=30",
-            "SlurmdTimeout=60",
-            "SchedulerParameters=sched_interval=1",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={int(mem_mb * 0.9)} State=UNKNOWN",
-            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
-            "",
-        ])
+        return "\n".join(
+            [
+                f"ClusterName={self.cluster_name}",
+                f"SlurmctldHost={self.node}(127.0.0.1)",
+                f"SlurmctldPort={ctld_port}",
+                f"SlurmdPort={slurmd_port}",
+                "SlurmUser=root",
+                "SlurmdUser=root",
+                "AuthType=auth/munge",
+                "CredType=cred/munge",
+                f"AuthInfo=socket={self.munge_socket},cred_expire=10",  # a requeue waits cred_expire (default 120 s)
+                f"StateSaveLocation={r}/state",
+                f"SlurmdSpoolDir={r}/spool",
+                f"SlurmctldPidFile={r}/slurmctld.pid",
+                f"SlurmdPidFile={r}/slurmd.pid",
+                f"SlurmctldLogFile={r}/log/slurmctld.log",
+                f"SlurmdLogFile={r}/log/slurmd.log",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "JobAcctGatherType=jobacct_gather/none",
+                "AccountingStorageType=accounting_storage/none",
+                "JobCompType=jobcomp/none",
+                "SwitchType=switch/none",
+                "MpiDefault=none",
+                "MailProg=/bin/true",
+                "SchedulerType=sched/backfill",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core",
+                "SlurmdParameters=config_overrides",
+                "ReturnToService=2",
+                "MinJobAge=3600",
+                "SlurmctldTimeout=30",
+                "SlurmdTimeout=60",
+                "SchedulerParameters=sched_interval=1",
+                f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={int(mem_mb * 0.9)}"
+                " State=UNKNOWN",
+                "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+                "",
+            ]
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
-    def start(self, timeout: float = 60) -> "LocalSlurm":
+    def start(self, timeout: float = 60) -> LocalSlurm:
         for d in ("state", "spool", "log", "munge"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         os.chmod(self.root / "munge", 0o700)
@@ -128,11 +143,24 @@ class LocalSlurm:
         os.chmod(key, 0o400)
         self.conf.write_text(self.slurm_conf(free_port(), free_port()))
         m = self.root / "munge"
-        self._spawn("munged", [_sbin("munged"), "--foreground", "--force", f"--key-file={key}", f"--socket={self.munge_socket}",
-                               f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed"])
+        self._spawn(
+            "munged",
+            [
+                _sbin("munged"),
+                "--foreground",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={m}/munged.pid",
+                f"--log-file={m}/munged.log",
+                f"--seed-file={m}/munged.seed",
+            ],
+        )
         self._wait_for(lambda: self.munge_socket.exists(), timeout, "munged socket")
         self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-        self._wait_for(lambda: self.run(["scontrol", "ping"], check=False).returncode == 0, timeout, "slurmctld (scontrol ping)")
+        self._wait_for(
+            lambda: self.run(["scontrol", "ping"], check=False).returncode == 0, timeout, "slurmctld (scontrol ping)"
+        )
         self._spawn("slurmd", [_sbin("slurmd"), "-D", "-f", str(self.conf), "-N", self.node])
         self._wait_for(lambda: self.node_state() in ("idle", "mixed", "allocated"), timeout, "node idle (sinfo)")
         return self
@@ -157,7 +185,7 @@ class LocalSlurm:
                 proc.kill()
                 proc.wait(timeout=10)
 
-    def __enter__(self) -> "LocalSlurm":
+    def __enter__(self) -> LocalSlurm:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -165,7 +193,9 @@ class LocalSlurm:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.stdout", "ab")
-        self._procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, preexec_fn=_die_with_parent)
+        self._procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, preexec_fn=_die_with_parent
+        )
 
     def _wait_for(self, ready, timeout: float, what: str) -> None:
         deadline = time.time() + timeout
@@ -187,7 +217,9 @@ class LocalSlurm:
 
     # -- client commands -----------------------------------------------------------------------------------------
     def run(self, argv: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, env=kw.pop("env", self.env), capture_output=True, text=True, check=check, timeout=60, **kw)
+        return subprocess.run(
+            argv, env=kw.pop("env", self.env), capture_output=True, text=True, check=check, timeout=60, **kw
+        )
 
     def node_state(self) -> str:
         proc = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False)
@@ -212,7 +244,9 @@ class LocalSlurm:
         while time.time() < deadline:
             states = self.job_states(job_id)
             if states != last and on_change:
-                on_change(f"[slurm] {time.strftime('%H:%M:%S')} " + " ".join(f"{k}:{v}" for k, v in sorted(states.items())))
+                on_change(
+                    f"[slurm] {time.strftime('%H:%M:%S')} " + " ".join(f"{k}:{v}" for k, v in sorted(states.items()))
+                )
             last = states
             if states and all(s in FINISHED for s in states.values()):
                 return states
@@ -254,7 +288,10 @@ if __name__ == "__main__":  # python -m tests.slurm_cluster [DIR]: a cluster to 
     cluster = LocalSlurm(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="lit_rlhf_slurm_"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with cluster:
-        print(f"one-node SLURM cluster up (node {cluster.node}); in another shell:\n  export SLURM_CONF={cluster.conf}", flush=True)
+        print(
+            f"one-node SLURM cluster up (node {cluster.node}); in another shell:\n  export SLURM_CONF={cluster.conf}",
+            flush=True,
+        )
         try:
             signal.pause()
         except KeyboardInterrupt:

@@ -53,7 +53,9 @@ def test_export_reloads_and_generates(tiny_run):
     model = AutoModelForCausalLM.from_pretrained(merged)
     tok = AutoTokenizer.from_pretrained(merged)
     trained = cli.model.policy.state_dict()
-    torch.testing.assert_close(model.state_dict()["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])
+    torch.testing.assert_close(
+        model.state_dict()["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"]
+    )
     enc = tok("What is 2 + 2?", return_tensors="pt")
     gen = model.generate(**enc, max_new_tokens=5, do_sample=False)
     assert gen.shape[1] == enc["input_ids"].shape[1] + 5
@@ -66,7 +68,13 @@ def test_wandb_offline_run_holds_metrics_config_and_table(tiny_run):
     rows = history(records)
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == 8 and all(isinstance(x, float) for x in losses)
-    for key in ("train/rewards/accuracies", "train/rewards/margins", "train/logps/chosen", "perf/tokens_per_s", "perf/mfu"):
+    for key in (
+        "train/rewards/accuracies",
+        "train/rewards/margins",
+        "train/logps/chosen",
+        "perf/tokens_per_s",
+        "perf/mfu",
+    ):
         assert any(key in r for r in rows), key
     val = [r["val/rewards/accuracies"] for r in rows if "val/rewards/accuracies" in r]
     assert len(val) >= 3, "validation at step 0, during fit and at the end"
@@ -79,7 +87,13 @@ def test_lora_run_exports_adapter_and_merged(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    lora = ["--model.policy.lora.r=4", "--model.policy.lora.alpha=8", "--trainer.max_steps=2", "--data.num_train=8", "--wandb.mode=disabled"]
+    lora = [
+        "--model.policy.lora.r=4",
+        "--model.policy.lora.alpha=8",
+        "--trainer.max_steps=2",
+        "--data.num_train=8",
+        "--wandb.mode=disabled",
+    ]
     cli, out = run(tmp_path, "--model.policy.lora={}", *lora)
     assert (out / "export" / "adapter" / "adapter_config.json").exists()
     base = AutoModelForCausalLM.from_pretrained(out / "export" / "merged")
@@ -94,7 +108,13 @@ def test_lora_run_exports_adapter_and_merged(tmp_path):
 
 
 def test_cached_reference_equals_online_and_is_reused(tmp_path):
-    common = ["--trainer.max_steps=2", "--data.num_train=8", "--data.num_val=4", "--wandb.mode=disabled", "--validate_before_fit=false"]
+    common = [
+        "--trainer.max_steps=2",
+        "--data.num_train=8",
+        "--data.num_val=4",
+        "--wandb.mode=disabled",
+        "--validate_before_fit=false",
+    ]
     cache = tmp_path / "refcache"
     _, online = run(tmp_path, *common, name="online")
     _, cached = run(tmp_path, *common, "--model.reference=cached", f"--model.ref_cache_dir={cache}", name="cached")
@@ -128,5 +148,35 @@ def test_print_config_round_trips(tmp_path, capsys):
 def test_resume_from_checkpoint_continues_steps(tmp_path):
     common = ["--wandb.mode=disabled", "--data.num_train=32"]
     _, out = run(tmp_path, "--trainer.max_steps=4", *common, name="first")
-    cli, _ = run(tmp_path, "--trainer.max_steps=6", "--ckpt_path", str(out / "checkpoints" / "last.ckpt"), *common, name="resumed")
+    cli, _ = run(
+        tmp_path,
+        "--trainer.max_steps=6",
+        "--ckpt_path",
+        str(out / "checkpoints" / "last.ckpt"),
+        *common,
+        name="resumed",
+    )
     assert cli.trainer.global_step == 6
+
+
+@pytest.mark.parametrize("loss, beta", [("dpo", 0.0), ("dpo", -0.1), ("ipo", 0.0), ("hinge", float("nan"))])
+def test_beta_that_cannot_learn_is_refused_at_construction(loss, beta):
+    """beta = 0 makes every DPO-family loss flat in the policy (IPO divides by it), beta < 0 prefers the rejected
+    response: refused when the module is built (before a model or a file exists), and by the loss functions."""
+    from lit_rlhf.losses import PREFERENCE_LOSSES
+    from lit_rlhf.stages.dpo import DPOModule
+
+    with pytest.raises(ValueError, match=rf"model\.beta must be a positive number, got {beta}: the {loss} loss"):
+        DPOModule(loss=loss, beta=beta)
+    logps = torch.zeros(2)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        PREFERENCE_LOSSES[loss](logps, logps, logps, logps, beta=beta)
+
+
+def test_label_smoothing_is_checked_at_construction():
+    from lit_rlhf.stages.dpo import DPOModule
+
+    with pytest.raises(ValueError, match=r"model\.label_smoothing must be in \[0, 0\.5\), got 0\.5"):
+        DPOModule(label_smoothing=0.5)
+    with pytest.raises(ValueError, match=r"model\.label_smoothing applies to 'dpo' and 'robust_dpo', not 'ipo'"):
+        DPOModule(loss="ipo", label_smoothing=0.1)

@@ -1,13 +1,24 @@
 """The shift/mask logic: token logps from logits at scored positions only, and the shared-prompt path."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lit_rlhf import models
 from lit_rlhf.data.collate import pad_left, pad_right
-from lit_rlhf.logprobs import (head_logps, head_outside, masked_mean, masked_whiten, response_logps, selective_log_softmax,
-                               sequence_logps, token_logps)
+from lit_rlhf.logprobs import (
+    entropy_from_logits,
+    head_logps,
+    head_outside,
+    masked_mean,
+    masked_whiten,
+    response_logps,
+    selective_log_softmax,
+    sequence_logps,
+    token_logps,
+)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +131,10 @@ def test_fused_head_path_equals_the_model_head_in_values_and_gradients(lora, mon
     with head_outside(_Wrapped(lm)) as fused:
         assert fused is None
     p_ids, p_mask = pad_left([[5, 6, 7, 8], [9, 10]], 0), pad_left([[1] * 4, [1] * 2], 0)
-    r_ids, r_mask = pad_right([[20, 21, 22], [23, 24], [25], [26, 27, 28]], 0), pad_right([[1] * 3, [1] * 2, [1], [1] * 3], 0)
+    r_ids, r_mask = (
+        pad_right([[20, 21, 22], [23, 24], [25], [26, 27, 28]], 0),
+        pad_right([[1] * 3, [1] * 2, [1], [1] * 3], 0),
+    )
     index = torch.tensor([0, 0, 1, 1])
     weights = torch.randn(r_ids.shape)
     results = []
@@ -146,3 +160,21 @@ def test_sequence_and_masked_stats():
     vals = w[m.bool()]
     assert vals.mean().item() == pytest.approx(0.0, abs=1e-6)
     assert vals.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_entropy_from_logits_closed_form_chunks_and_gradient():
+    """Uniform logits over V = 4 give H = log 4; logits (0, log 3, -1e4, -1e4) give p = (1/4, 3/4, 0, 0) and
+    H = (1/4) log 4 + (3/4) log(4/3). Row chunks give the same result as one pass, and H is differentiable (the PPO
+    entropy bonus): dH/dz_i = -p_i (log p_i + H), which is 0 for uniform logits."""
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), -1e4, -1e4]], requires_grad=True)
+    entropy = entropy_from_logits(logits, chunk_rows=1)
+    expected = torch.tensor([math.log(4.0), 0.25 * math.log(4.0) + 0.75 * math.log(4.0 / 3.0)])
+    torch.testing.assert_close(entropy, expected)
+    entropy[0].backward()
+    torch.testing.assert_close(logits.grad[0], torch.zeros(4), atol=1e-7, rtol=0)
+    other = torch.randn(5, 7, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    torch.testing.assert_close(entropy_from_logits(other, chunk_rows=2), entropy_from_logits(other, chunk_rows=1024))
+    entropy_from_logits(other).sum().backward()
+    p = other.detach().softmax(-1)
+    h = -(p * p.log()).sum(-1, keepdim=True)
+    torch.testing.assert_close(other.grad, -p * (p.log() + h))

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lit_rlhf.experiments import pipeline as pl
@@ -22,7 +23,12 @@ def base_spec() -> dict:
         "name": "chain",
         "steps": [
             {"name": "sft", "stage": "sft", "config": "experiments/sft/tiny.yaml"},
-            {"name": "ppo", "stage": "ppo", "inputs": {"model.policy.name": "sft"}, "overrides": {"trainer.max_steps": 2}},
+            {
+                "name": "ppo",
+                "stage": "ppo",
+                "inputs": {"model.policy.name": "sft"},
+                "overrides": {"trainer.max_steps": 2},
+            },
         ],
     }
 
@@ -74,6 +80,8 @@ def test_step_status_and_resume(tmp_path, monkeypatch):
     assert pl.step_status(step_dir) == "new"
     (step_dir / "checkpoints").mkdir(parents=True)
     (step_dir / "checkpoints" / "last.ckpt").write_text("x")
+    assert pl.step_status(step_dir) == "new", "a checkpoint that does not load is no resume point"
+    torch.save({"global_step": 2}, step_dir / "checkpoints" / "last.ckpt")
     assert pl.step_status(step_dir) == "partial"
     calls = []
 
@@ -92,8 +100,11 @@ def test_step_status_and_resume(tmp_path, monkeypatch):
     assert pl.run(spec, in_process=True) == {"sft": "resumed", "ppo": "ran"}
     assert "--ckpt_path=" + str(step_dir / "checkpoints" / "last.ckpt") in calls[0]
     assert pl.step_status(step_dir) == "done"
-    assert pl.run(spec, in_process=True) == {"sft": "done", "ppo": "done"} and len(calls) == 2, "resumable: nothing reruns"
+    assert pl.run(spec, in_process=True) == {"sft": "done", "ppo": "done"} and len(calls) == 2, (
+        "resumable: nothing reruns"
+    )
     assert pl.run(spec, in_process=True, force=("ppo",)) == {"sft": "done", "ppo": "ran"} and len(calls) == 3
+    assert "--overwrite" in calls[2] and "--overwrite" not in calls[1], "a forced step starts over in its directory"
 
 
 def test_skipping_needs_an_export(tmp_path):
@@ -115,7 +126,7 @@ def test_tiny_sft_rm_ppo_pipeline(tmp_path):
     assert ppo_config["model"]["critic"]["init"] == "reward_model"
     assert ppo_config["wandb"]["group"] == "ci"
     summary = json.loads((run_dir / "ppo" / "final_metrics.json").read_text())
-    assert summary["global_step"] == 2 and "val/score/mean" in summary["end"]
+    assert summary["global_step"] == 2 and "val/rewards/mean" in summary["end"]
     spec = pl.load_pipeline(TINY_PIPELINE)
     spec = pl.PipelineSpec(spec.name, spec.steps, str(tmp_path), spec.tags)
     assert pl.run(spec, "ci", in_process=True) == {"sft": "done", "rm": "done", "ppo": "done"}

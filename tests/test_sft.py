@@ -23,12 +23,15 @@ def tiny_lm():
 
 def test_masked_nll_ignores_prompt_tokens(tiny_lm):
     """Changing a scored token changes the loss; the logps returned are exactly those of the scored tokens."""
-    dm = SFTDataModule(tokenizer="tiny", num_train=4, num_val=2)
+    dm = SFTDataModule(num_train=4, num_val=2, batch_size=2)
+    dm.connect(models.load_tokenizer("tiny"))
     dm.setup()
     batch = dm.collate([[e] for e in dm.train_examples[:2]])
     with torch.no_grad():
         logps, hits = response_token_logps(tiny_lm, batch.input_ids, batch.attention_mask, batch.loss_mask)
-        full = torch.log_softmax(tiny_lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float(), -1)
+        full = torch.log_softmax(
+            tiny_lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float(), -1
+        )
     assert logps.shape == hits.shape == (int(batch.loss_mask.sum()),)
     b, t = batch.loss_mask.nonzero(as_tuple=True)
     expected = full[b, t - 1, batch.input_ids[b, t]]
@@ -37,7 +40,8 @@ def test_masked_nll_ignores_prompt_tokens(tiny_lm):
 
 def test_packed_rows_equal_unpacked_examples(tiny_lm):
     """No cross-example attention: the logps of a packed row equal those of its examples run one by one."""
-    dm = SFTDataModule(tokenizer="tiny", num_train=24, num_val=2, packing=True, max_length=200, batch_size=2)
+    dm = SFTDataModule(num_train=24, num_val=2, packing=True, max_length=200, batch_size=2)
+    dm.connect(models.load_tokenizer("tiny"))
     dm.setup()
     rows = [r for r in dm.train_rows if len(r) > 1][:2]
     packed = dm.collate(rows)
@@ -47,7 +51,9 @@ def test_packed_rows_equal_unpacked_examples(tiny_lm):
         for row in rows:
             for e in row:
                 single = dm._collate_unpacked([[e]])
-                alone.append(response_token_logps(tiny_lm, single.input_ids, single.attention_mask, single.loss_mask)[0])
+                alone.append(
+                    response_token_logps(tiny_lm, single.input_ids, single.attention_mask, single.loss_mask)[0]
+                )
         # and the same row WITHOUT restarting positions leaks across examples (the check has teeth)
         leaky = response_token_logps(tiny_lm, packed.input_ids, packed.attention_mask, packed.loss_mask)[0]
     torch.testing.assert_close(got, torch.cat(alone), atol=1e-4, rtol=1e-4)
@@ -92,7 +98,12 @@ def test_sft_smoke_full_finetune_and_export(tmp_path):
 
     merged = tmp_path / "export" / "merged"
     lm, tok = AutoModelForCausalLM.from_pretrained(merged), AutoTokenizer.from_pretrained(merged)
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 12 + 30?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = lm.generate(**ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == ids["input_ids"].shape[1] + 4 or out[0, -1] == tok.eos_token_id
     torch.testing.assert_close(lm.state_dict()["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])
@@ -100,7 +111,13 @@ def test_sft_smoke_full_finetune_and_export(tmp_path):
 
 @pytest.mark.slow
 def test_sft_lora_exports_adapter_and_merged(tmp_path):
-    run(tmp_path, "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--model.policy.lora={r: 4, alpha: 8}", "--validate_before_fit=false")
+    run(
+        tmp_path,
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--model.policy.lora={r: 4, alpha: 8}",
+        "--validate_before_fit=false",
+    )
     assert (tmp_path / "export" / "adapter" / "adapter_config.json").exists()
     from transformers import AutoModelForCausalLM
 
@@ -116,7 +133,7 @@ def test_print_config_round_trips(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sft_entry.main(args=["--config", str(tmp_path / "printed.yaml"), "--print_config"])
     assert capsys.readouterr().out == printed
-    assert "packing: true" in printed and "tokenizer: tiny" not in printed  # the tokenizer is linked, not repeated
+    assert "packing: true" in printed and "tokenizer" not in printed  # the data is given the policy's tokenizer
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "experiments" / "sft").glob("*.yaml")), ids=lambda p: p.name)

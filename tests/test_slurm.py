@@ -51,14 +51,22 @@ def job_env(cluster: LocalSlurm) -> dict[str, str]:
 
 
 def sweep_cli(cluster: LocalSlurm, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "lit_rlhf.experiments.sweep", *args], cwd=REPO, env=job_env(cluster),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lit_rlhf.experiments.sweep", *args],
+        cwd=REPO,
+        env=job_env(cluster),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
 
 def cell_logs(sweep_dir: Path) -> str:
-    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted((sweep_dir / "logs").glob("*.out")))
+    return "\n".join(
+        f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted((sweep_dir / "logs").glob("*.out"))
+    )
 
 
 def test_sweep_runs_as_a_slurm_job_array(local_slurm, tmp_path):
@@ -66,7 +74,7 @@ def test_sweep_runs_as_a_slurm_job_array(local_slurm, tmp_path):
     spec = sw.load_spec(REPO / SPEC, output_root=str(root))
     assert spec.size == 3
 
-    out = sweep_cli(local_slurm, "submit", SPEC, "--output-root", str(root))
+    out = sweep_cli(local_slurm, "submit", SPEC, "--output_root", str(root))
     print(out)
     job_id = out.strip().splitlines()[-1].removeprefix("job_id=")
     assert job_id.isdigit(), out
@@ -91,7 +99,7 @@ def test_sweep_runs_as_a_slurm_job_array(local_slurm, tmp_path):
         log = spec.sweep_dir / "logs" / f"{job_id}_{cell.index}.out"
         assert f"[sweep] dpo-tiny-beta cell {cell.index}/2" in log.read_text()
 
-    out = sweep_cli(local_slurm, "collect", SPEC, "--output-root", str(root))
+    out = sweep_cli(local_slurm, "collect", SPEC, "--output_root", str(root))
     print(out)
     assert "3/3 cells done" in out
     rows = list(csv.DictReader((spec.sweep_dir / "results.csv").open()))
@@ -100,10 +108,11 @@ def test_sweep_runs_as_a_slurm_job_array(local_slurm, tmp_path):
     assert [r["job"] for r in rows] == [f"{job_id}_{i}" for i in range(3)]
     assert all(r["status"] == "done" and r["step"] == "4" for r in rows)
     assert all(math.isfinite(float(r["val/loss"])) and 0 <= float(r["val/rewards/accuracies"]) <= 1 for r in rows)
-    assert len((spec.sweep_dir / "results.md").read_text().strip().splitlines()) == 2 + 3
+    cells_table, _, by_config = (spec.sweep_dir / "results.md").read_text().strip().split("\n\n")
+    assert len(cells_table.splitlines()) == 2 + 3 and len(by_config.splitlines()) == 2 + 3  # one seed per beta
 
     # a resubmission of a finished sweep has nothing to do
-    assert "nothing to submit" in sweep_cli(local_slurm, "submit", SPEC, "--output-root", str(root), "--only-missing")
+    assert "nothing to submit" in sweep_cli(local_slurm, "submit", SPEC, "--output_root", str(root), "--only_missing")
 
 
 PREEMPT_SPEC = """
@@ -132,8 +141,9 @@ def test_preempted_cell_requeues_and_resumes(local_slurm, tmp_path):
 
     deadline = time.time() + 600
     while not (cell_dir / "checkpoints" / "last.ckpt").exists():  # training is under way (step >= 2)
-        assert time.time() < deadline and local_slurm.job_states(job_id).get(f"{job_id}_0") in ("PENDING", "RUNNING"), \
+        assert time.time() < deadline and local_slurm.job_states(job_id).get(f"{job_id}_0") in ("PENDING", "RUNNING"), (
             log.read_text(errors="replace") if log.exists() else local_slurm.logs()
+        )
         time.sleep(0.5)
     local_slurm.run(["scancel", "--batch", "--signal=USR1", f"{job_id}_0"])
     print(f"[slurm] sent SIGUSR1 to {job_id}_0 (pre-emption notice)")
@@ -141,11 +151,13 @@ def test_preempted_cell_requeues_and_resumes(local_slurm, tmp_path):
     states = local_slurm.wait(job_id, timeout=600)
     text = log.read_text(errors="replace")
     assert states == {f"{job_id}_0": "COMPLETED"}, text[-5000:]
-    assert "Handling auto-requeue signal" in text and list(cell_dir.glob("checkpoints/hpc_ckpt_*.ckpt"))  # consumed, retired
+    assert "Handling auto-requeue signal" in text and list(
+        cell_dir.glob("checkpoints/hpc_ckpt_*.ckpt")
+    )  # consumed, retired
     assert json.loads((cell_dir / sw.CELL_FILE).read_text())["restarts"] == 1
     resumed = [line for line in text.splitlines() if line.startswith("$ ") and "--ckpt_path=" in line]
     assert len(resumed) == 1, text[-5000:]
-    # the hpc checkpoint is loaded by the resumed fit only, not by the final validation (it must see the trained weights)
+    # the hpc checkpoint is loaded by the resumed fit only, not by the final validation (which must see trained weights)
     assert text.count("Restoring states from the checkpoint path") == 1, text[-5000:]
     assert json.loads((cell_dir / "final_metrics.json").read_text())["global_step"] == 24
     print(f"[slurm] {job_id}_0 requeued once and resumed with {resumed[0].split()[-1]}; finished at step 24")
@@ -156,12 +168,38 @@ def test_multinode_template_ranks_come_from_srun(local_slurm, tmp_path):
     srun starts two processes, Lightning's SLURMEnvironment makes them ranks 0 and 1 of one group, and they train
     with the template's FSDP2 strategy."""
     out_dir = tmp_path / "multinode"
-    resources = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=0", "--time=00:10:00"]
-    stage_args = ["--config", "experiments/dpo/tiny.yaml", "--output_dir", str(out_dir), "--trainer.accelerator=cpu",
-                  "--trainer.max_steps=4", "--trainer.val_check_interval=4",
-                  "--trainer.enable_progress_bar=false", "--data.num_val=8"]
-    proc = local_slurm.run(["sbatch", "--parsable", *resources, f"--output={tmp_path}/%j.out",
-                            "slurm/multinode_fsdp.sbatch", "dpo", *stage_args], cwd=REPO, env=job_env(local_slurm))
+    resources = [
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--mem=0",
+        "--time=00:10:00",
+    ]
+    stage_args = [
+        "--config",
+        "experiments/dpo/tiny.yaml",
+        "--output_dir",
+        str(out_dir),
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=4",
+        "--trainer.enable_progress_bar=false",
+        "--data.num_val=8",
+    ]
+    proc = local_slurm.run(
+        [
+            "sbatch",
+            "--parsable",
+            *resources,
+            f"--output={tmp_path}/%j.out",
+            "slurm/multinode_fsdp.sbatch",
+            "dpo",
+            *stage_args,
+        ],
+        cwd=REPO,
+        env=job_env(local_slurm),
+    )
     job_id = proc.stdout.strip()
     print(f"[slurm] submitted slurm/multinode_fsdp.sbatch as job {job_id} (1 node x 2 tasks)")
     states = local_slurm.wait(job_id, timeout=600)

@@ -13,7 +13,9 @@ def offline_records(output_dir: str) -> list[dict]:
     runs = sorted(glob.glob(os.path.join(output_dir, "wandb", "offline-run-*", "run-*.wandb")))
     assert runs, f"no offline W&B run under {output_dir}/wandb"
     wandb_cli = os.path.join(os.path.dirname(sys.executable), "wandb")
-    out = subprocess.run([wandb_cli, "leet", "inspect", "--json", runs[-1]], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [wandb_cli, "leet", "inspect", "--json", runs[-1]], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip().startswith("{")]
 

@@ -1,4 +1,6 @@
-"""``python -m lit_rlhf.bench <stage> --workload NAME [--threads N] [--precision P]``: one JSON line of throughput and memory."""
+"""``python -m lit_rlhf.bench <stage> --workload NAME [--threads N] [--precision P]``.
+
+Prints one JSON line of throughput and memory."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ def main(argv=None) -> None:
     ap.add_argument("--workload", required=True)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument(
-        "--precision", default="32-true", choices=("32-true", "bf16-mixed"),
+        "--precision",
+        default="32-true",
+        choices=("32-true", "bf16-mixed"),
         help="Lightning precision; the TRL baseline runs true fp32, so only 32-true compares like for like",
     )
     args = ap.parse_args(argv)

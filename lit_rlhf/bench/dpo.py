@@ -2,7 +2,7 @@
 
 Prints one JSON line: samples/s (median step and wall), tokens/s, peak RSS of the training loop, MFU. Runs the real
 stage module under a Lightning ``Trainer`` on the built-in arithmetic data rendered with the SmolLM2 chat template
-(seed 0, the same records as the TRL baseline harness in ``shared/trl-baseline``).
+(``seed=0``: the same records as the TRL baseline harness in ``shared/trl-baseline``).
 
 Workloads:
   W1  tiny Llama (hidden 256, 4 layers, MLP 1024, tied), full fine-tune fp32, 8 pairs/step, max length 128, 30 steps
@@ -54,35 +54,57 @@ def run(workload: str, threads: int, precision: str = "32-true") -> dict:
     if threads:
         torch.set_num_threads(threads)
     L.seed_everything(0, verbose=False)
-    lora = models.LoRASettings(r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]) if w["lora"] else None
+    lora = (
+        models.LoRASettings(r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        if w["lora"]
+        else None
+    )
     spec = models.ModelSpec(name=w["model"], lora=lora)
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "pairs.jsonl")
         with open(data, "w") as f:
             for r in arithmetic_preferences(w["n_data"], 0):
                 f.write(json.dumps(r) + "\n")
-        dm = PreferenceDataModule(tokenizer=w["model"], path=data, val_fraction=0.0, batch_size=w["pairs"], max_length=128)
+        dm = PreferenceDataModule(path=data, val_fraction=0.0, batch_size=w["pairs"], max_length=128)
         module = DPOModule(
-            policy=spec, beta=0.1, optimizer=OptimizerSettings(lr=1e-5), reference=w["reference"], ref_cache_dir=os.path.join(tmp, "ref"),
+            policy=spec,
+            beta=0.1,
+            optimizer=OptimizerSettings(lr=1e-5),
+            reference=w["reference"],
+            ref_cache_dir=os.path.join(tmp, "ref"),
         )
+        dm.connect(module.tokenizer)
         timer = StepTimer()
         fit_start = time.perf_counter()
         trainer = L.Trainer(
-            max_steps=w["steps"], accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-            callbacks=[timer], gradient_clip_val=1.0, precision=precision,
+            max_steps=w["steps"],
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            callbacks=[timer],
+            gradient_clip_val=1.0,
+            precision=precision,
         )
         trainer.fit(module, datamodule=dm)
         cpu_end = resource.getrusage(resource.RUSAGE_SELF)
         precompute_s = timer.begin - fit_start
         steps = timer.step_times()
         # tokens as the TRL harness counts them: non-pad tokens of the chosen and rejected sequences
-        seq_tokens = sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in dm.train_examples) / len(dm.train_examples)
+        seq_tokens = sum(
+            2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in dm.train_examples
+        ) / len(dm.train_examples)
         n_body, head = model_flop_counts(module.policy)
         resp = sum(len(e.chosen_ids) + len(e.rejected_ids) for e in dm.train_examples) / len(dm.train_examples)
         prompt = sum(len(e.prompt_ids) for e in dm.train_examples) / len(dm.train_examples)
         ref_forwards = 1 if w["reference"] == "online" else 0
-        flops_step = training_flops(n_body, head, int(w["pairs"] * (prompt + resp)), int(w["pairs"] * resp), lora is None, ref_forwards)
+        flops_step = training_flops(
+            n_body, head, int(w["pairs"] * (prompt + resp)), int(w["pairs"] * resp), lora is None, ref_forwards
+        )
     med = statistics.median(steps[1:] or steps)
     wall = timer.ends[-1] - timer.begin
     return {

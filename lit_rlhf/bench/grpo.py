@@ -2,7 +2,7 @@
 
 Prints one JSON line: completions/s (median step and wall), the median seconds of generation, scoring (rewards,
 reference logps) and update per step, mean completion length, peak RSS of the training loop. Runs the real stage
-module under a Lightning ``Trainer`` on the built-in arithmetic prompts (seed 0, the TRL baseline harness' records)
+module under a Lightning ``Trainer`` on the built-in arithmetic prompts (``seed=0``: the TRL baseline harness' records)
 rendered with the SmolLM2 chat template and its default system prompt. Every completion runs to the token budget
 unless EOS comes first, is scored (the harness' correctness reward: the right integer appears) and enters the loss,
 whatever its reward (``zero_variance_groups=keep``).
@@ -34,8 +34,24 @@ import torch  # noqa: E402
 from lit_rlhf.bench.common import StepTimer, status_mib  # noqa: E402
 
 GRPO_WORKLOADS = {
-    "G1": {"model": "tiny", "lora": False, "prompts": 8, "gens": 8, "max_new_tokens": 32, "steps": 10, "minibatch_size": 16},
-    "G2": {"model": "smollm2-135m", "lora": True, "prompts": 4, "gens": 4, "max_new_tokens": 48, "steps": 5, "minibatch_size": 4},
+    "G1": {
+        "model": "tiny",
+        "lora": False,
+        "prompts": 8,
+        "gens": 8,
+        "max_new_tokens": 32,
+        "steps": 10,
+        "minibatch_size": 16,
+    },
+    "G2": {
+        "model": "smollm2-135m",
+        "lora": True,
+        "prompts": 4,
+        "gens": 4,
+        "max_new_tokens": 48,
+        "steps": 5,
+        "minibatch_size": 4,
+    },
 }
 WORKLOADS = GRPO_WORKLOADS
 PHASES = ("generation_s", "scoring_s", "update_s")
@@ -69,23 +85,44 @@ def run(workload: str, threads: int, precision: str = "32-true") -> dict:
     if threads:
         torch.set_num_threads(threads)
     L.seed_everything(0, verbose=False)
-    lora = models.LoRASettings(r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]) if w["lora"] else None
+    lora = (
+        models.LoRASettings(r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        if w["lora"]
+        else None
+    )
     module = GRPOModule(
-        policy=models.ModelSpec(name=w["model"], lora=lora), rewards=[RewardSpec("answer_in_text")], num_generations=w["gens"],
-        sampling=SamplingSettings(max_new_tokens=w["max_new_tokens"], temperature=1.0), loss="grpo", beta=0.04,
-        minibatch_size=w["minibatch_size"], optimizer=OptimizerSettings(lr=1e-5), table_every_n_steps=0, peak_flops=PEAK_FLOPS[precision],
+        policy=models.ModelSpec(name=w["model"], lora=lora),
+        rewards=[RewardSpec("answer_in_text")],
+        num_generations=w["gens"],
+        sampling=SamplingSettings(max_new_tokens=w["max_new_tokens"], temperature=1.0),
+        loss="grpo",
+        beta=0.04,
+        minibatch_size=w["minibatch_size"],
+        optimizer=OptimizerSettings(lr=1e-5),
+        table_every_n_steps=0,
+        peak_flops=PEAK_FLOPS[precision],
     )
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "prompts.jsonl")
         with open(data, "w") as f:
             for r in arithmetic_prompts(1000, 0):
                 f.write(json.dumps(r) + "\n")
-        dm = PromptDataModule(tokenizer=w["model"], path=data, val_fraction=0.0, batch_size=w["prompts"])
+        dm = PromptDataModule(path=data, val_fraction=0.0, batch_size=w["prompts"])
+        dm.connect(module.tokenizer)
         timer, phases = StepTimer(), PhaseTimes()
         trainer = L.Trainer(
-            max_steps=w["steps"], accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-            use_distributed_sampler=False, callbacks=[timer, phases], precision=precision,
+            max_steps=w["steps"],
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            use_distributed_sampler=False,
+            callbacks=[timer, phases],
+            precision=precision,
         )
         trainer.fit(module, datamodule=dm)
         cpu_end = resource.getrusage(resource.RUSAGE_SELF)
@@ -113,7 +150,9 @@ def run(workload: str, threads: int, precision: str = "32-true") -> dict:
         "mean_completion_len": round(statistics.mean(r["completions/mean_length"] for r in phases.rows), 2),
         "reward_mean": round(statistics.mean(r["rewards/mean"] for r in phases.rows), 4),
         "precision": precision,
-        "mfu_median": round(statistics.median(r["mfu"] for r in rest if "mfu" in r), 3) if any("mfu" in r for r in rest) else None,
+        "mfu_median": round(statistics.median(r["mfu"] for r in rest if "mfu" in r), 3)
+        if any("mfu" in r for r in rest)
+        else None,
         "mfu_peak_flops": PEAK_FLOPS[precision],
         "peak_rss_train_mib": round(status_mib("VmHWM"), 1),
         "cpu_user_s": round(cpu_end.ru_utime - timer.cpu.ru_utime, 1),

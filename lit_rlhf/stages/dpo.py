@@ -1,12 +1,13 @@
 """Direct Preference Optimization (Rafailov et al. 2023) and its variants (IPO, hinge, robust DPO).
 
-Loss (DPO Eq. 7, seed 000 §6): -log sigmoid(beta [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
+Loss (DPO Eq. 7): -log sigmoid(beta [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
 on summed response-token logps; the variant is chosen by name (``loss``), see :mod:`lit_rlhf.losses.preference`.
 Implicit rewards ``beta (log pi - log ref)`` give the logged ``rewards/{chosen,rejected,margins,accuracies}``.
 
 Chosen and rejected share their prompt: by default (``forward_mode=shared_prompt``) the prompt runs once and both
 responses run together on its KV cache (~1.7x fewer tokens than two full rows); ``concatenated`` runs the 2B full
-rows in one forward instead (needed with gradient checkpointing). Logits are projected only at response positions. The reference is the policy with its LoRA adapter disabled (no second copy) or a frozen copy for a full
+rows in one forward instead (needed with gradient checkpointing). Logits are projected only at response positions.
+The reference is the policy with its LoRA adapter disabled (no second copy) or a frozen copy for a full
 fine-tune, evaluated on the fly, or precomputed once and cached on disk (``reference=cached``).
 
     python -m lit_rlhf.experiments.dpo                                   # SmolLM2-135M + LoRA, built-in task, CPU
@@ -17,6 +18,7 @@ fine-tune, evaluated on the fly, or precomputed once and cached on disk (``refer
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -24,17 +26,33 @@ import lightning as L
 import torch
 
 from lit_rlhf import models, ref_cache
-from lit_rlhf.callbacks import log_table
 from lit_rlhf.checkpointing import capture_rng, restore_rng
 from lit_rlhf.distributed import fully_shard_lm
 from lit_rlhf.logprobs import response_logps, sequence_logps, token_logps
 from lit_rlhf.losses import PREFERENCE_LOSSES
-from lit_rlhf.metrics import PhaseMeans, Throughput, model_flop_counts, training_flops
+from lit_rlhf.metrics import PhaseMeans, Throughput, log_table, model_flop_counts, training_flops
 from lit_rlhf.optim import OptimizerSettings, build_optimizer, trainable_state_dict
 from lit_rlhf.types import PreferenceBatch
 
 
+def check_settings(loss: str, beta: float, label_smoothing: float) -> None:
+    """Refuse, before anything is loaded, settings under which the preference loss cannot learn: ``beta <= 0`` (0:
+    every DPO-family loss is flat in the policy, IPO divides by it; < 0: the rejected response is preferred) and
+    label smoothing outside [0, 0.5) or on a loss without it."""
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(
+            f"model.beta must be a positive number, got {beta}: the {loss} loss scales the log-ratio margin by beta "
+            "(0 trains nothing and IPO divides by it; a negative beta prefers the rejected response)"
+        )
+    if label_smoothing and loss not in ("dpo", "robust_dpo"):
+        raise ValueError(f"model.label_smoothing applies to 'dpo' and 'robust_dpo', not {loss!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+
 class DPOModule(L.LightningModule):
+    """Direct preference optimisation and its variants (IPO, hinge, robust DPO, cDPO) on preference pairs."""
+
     def __init__(
         self,
         policy: models.ModelSpec = models.ModelSpec(),
@@ -52,8 +70,9 @@ class DPOModule(L.LightningModule):
         """
         Args:
             policy: the model to train (name, dtype, LoRA); the reference is derived from it.
-            loss: preference loss by name: ``dpo`` (with ``label_smoothing`` = cDPO), ``ipo``, ``hinge``, ``robust_dpo``.
-            beta: inverse temperature of the implicit reward (KL strength).
+            loss: preference loss by name: ``dpo`` (with ``label_smoothing``: cDPO), ``ipo``, ``hinge``,
+                ``robust_dpo``.
+            beta: inverse temperature of the implicit reward (KL strength); must be > 0.
             label_smoothing: assumed label-noise rate for ``dpo`` (cDPO) and ``robust_dpo``; must be 0 for the others.
             nll_coef: weight of an NLL term on the chosen response (per-token mean), 0 disables it.
             reference: ``online`` computes reference logps every step; ``cached`` precomputes them once per
@@ -66,11 +85,12 @@ class DPOModule(L.LightningModule):
             table_rows: validation pairs shown in the W&B sample table.
         """
         super().__init__()
+        self.strict_loading = False  # checkpoints hold only trainable weights (set before FSDP2 loads)
+        check_settings(loss, beta, label_smoothing)
         self.save_hyperparameters()
         self.spec = policy
+        self.tokenizer = models.load_tokenizer(policy.name, policy.revision)
         self.optim_settings = optimizer
-        if label_smoothing and loss not in ("dpo", "robust_dpo"):
-            raise ValueError(f"label_smoothing applies to 'dpo' and 'robust_dpo', not {loss!r}")
         extra = {"label_smoothing": label_smoothing} if loss in ("dpo", "robust_dpo") else {}
         self.loss_fn = functools.partial(PREFERENCE_LOSSES[loss], beta=beta, **extra)
         self.policy: torch.nn.Module | None = None
@@ -95,10 +115,14 @@ class DPOModule(L.LightningModule):
     def pair_logps(self, lm: torch.nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence logps [2B] chosen-then-rejected, token logps [2B, R]) of the responses."""
         if self.hparams.forward_mode == "shared_prompt" and not self.spec.gradient_checkpointing:
-            logps = response_logps(lm, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, batch.prompt_index).logps
+            logps = response_logps(
+                lm, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, batch.prompt_index
+            ).logps
         else:
             input_ids, attention_mask, loss_mask, position_ids = batch.as_sequences()
-            logps = token_logps(lm, input_ids, attention_mask, loss_mask, position_ids).logps[:, batch.prompt_ids.shape[1] :]
+            logps = token_logps(lm, input_ids, attention_mask, loss_mask, position_ids).logps[
+                :, batch.prompt_ids.shape[1] :
+            ]
         return sequence_logps(logps, batch.response_mask), logps
 
     @torch.no_grad()
@@ -135,13 +159,17 @@ class DPOModule(L.LightningModule):
         policy_logps, token_lp = self.pair_logps(self.policy, batch)
         ref_logps = self.reference_logps(batch)
         loss, metrics = self._loss(policy_logps, ref_logps, token_lp, batch)
-        means = self.val_means.update({"val/loss": loss, **{f"val/{k}": v for k, v in metrics.items()}}, weight=batch.num_pairs)
+        means = self.val_means.update(
+            {"val/loss": loss, **{f"val/{k}": v for k, v in metrics.items()}}, weight=batch.num_pairs
+        )
         self.log_dict(means, on_epoch=True, on_step=False, prog_bar=False, batch_size=batch.num_pairs)
         self._collect_table_rows(batch, policy_logps, ref_logps)
 
     def _loss(self, policy_logps, ref_logps, token_lp, batch: PreferenceBatch) -> tuple[torch.Tensor, dict]:
         n = batch.num_pairs
-        losses, chosen_rewards, rejected_rewards = self.loss_fn(policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:])
+        losses, chosen_rewards, rejected_rewards = self.loss_fn(
+            policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:]
+        )
         loss = losses.mean()
         metrics = {
             "rewards/chosen": chosen_rewards.mean(),
@@ -201,7 +229,16 @@ class DPOModule(L.LightningModule):
         n, beta = batch.num_pairs, self.hparams.beta
         rewards = (beta * (policy_logps - ref_logps)).tolist()
         for i in range(min(need, n)):
-            self._table_rows.append([batch.prompts[i], batch.chosen[i], batch.rejected[i], rewards[i], rewards[n + i], rewards[i] - rewards[n + i]])
+            self._table_rows.append(
+                [
+                    batch.prompts[i],
+                    batch.chosen[i],
+                    batch.rejected[i],
+                    rewards[i],
+                    rewards[n + i],
+                    rewards[i] - rewards[n + i],
+                ]
+            )
 
     def on_validation_epoch_end(self) -> None:
         if self._table_rows and not self.trainer.sanity_checking:
@@ -220,10 +257,9 @@ class DPOModule(L.LightningModule):
             checkpoint["ref_table"] = self.ref_table
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.strict_loading = False
         self.ref_table = checkpoint.get("ref_table")
         restore_rng(checkpoint.get("rng"))
 
-    def export(self, out_dir: Path) -> dict[str, str]:
-        tokenizer = models.load_tokenizer(self.spec.name)
-        return models.export_pretrained(self.policy, tokenizer, out_dir, self.spec, self.trainer.is_global_zero)
+    def export(self, out_dir: Path, dtype: str | None = None) -> dict[str, str]:
+        rank_zero = self.trainer.is_global_zero
+        return models.export_pretrained(self.policy, self.tokenizer, out_dir, self.spec, rank_zero, dtype)

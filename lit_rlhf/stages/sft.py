@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (stage one of RLHF, InstructGPT §3.5; seed 000 §3.2): masked next-token NLL on responses.
+"""Supervised fine-tuning (stage one of RLHF, InstructGPT §3.5): masked next-token NLL on responses.
 
 Loss: the mean over scored tokens of -log pi(y_t | x, y_<t), where only response tokens are scored (prompt tokens
 and, in conversations, every non-assistant turn are masked out by ``loss_mask``; see :mod:`lit_rlhf.data.sft`).
@@ -7,7 +7,7 @@ Logits are projected only at the positions that predict a scored token. LoRA (pe
 Metrics: ``{train,val}/loss`` (token-mean NLL), ``{train,val}/token_accuracy`` (argmax = target at scored tokens),
 ``{train,val}/perplexity`` (exp of the token-mean NLL; torchmetrics aggregates over the whole validation set), and,
 when the validation data has answers (the built-in arithmetic task), ``val/accuracy``: greedy exact-match accuracy
-(last number of the completion, :func:`lit_rlhf.data.tasks.is_correct`) on held-out prompts, with a W&B table of
+(the answer verifier, :func:`lit_rlhf.rewards.is_correct`) on held-out prompts, with a W&B table of
 completions ``val/samples``.
 
 Packed rows (``--data.packing=true``) run with restarting ``position_ids`` and no 2D mask, so transformers builds a
@@ -28,12 +28,11 @@ import torch
 from torchmetrics import MeanMetric
 
 from lit_rlhf import models
-from lit_rlhf.callbacks import log_table
-from lit_rlhf.data.tasks import is_correct
-from lit_rlhf.distributed import fully_shard_lm, is_sharded
+from lit_rlhf.distributed import fully_shard_lm, global_normalizer, is_sharded
 from lit_rlhf.logprobs import predicting_positions, selective_log_softmax
-from lit_rlhf.metrics import Throughput, model_flop_counts, training_flops
+from lit_rlhf.metrics import Throughput, log_table, model_flop_counts, training_flops
 from lit_rlhf.optim import OptimizerSettings, build_optimizer, trainable_state_dict
+from lit_rlhf.rewards import is_correct
 from lit_rlhf.types import PromptBatch, SFTBatch
 
 
@@ -49,7 +48,10 @@ class Perplexity(MeanMetric):
 
 
 def response_token_logps(
-    lm: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, loss_mask: torch.Tensor,
+    lm: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    loss_mask: torch.Tensor,
     position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logps [S], hits [S]) at the S scored tokens, row-major: log pi(token) and whether it is the argmax.
@@ -59,7 +61,9 @@ def response_token_logps(
     """
     keep = predicting_positions(loss_mask)
     extra = {"position_ids": position_ids} if position_ids is not None else {}
-    logits = lm(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False, **extra).logits
+    logits = lm(
+        input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False, **extra
+    ).logits
     if logits.dim() == 3:  # a model without bool logits_to_keep support returned [B, T, V]
         logits = logits[keep]
     targets = input_ids[loss_mask.bool()]
@@ -98,6 +102,8 @@ def _all_but_first(x: torch.Tensor) -> torch.Tensor:
 
 
 class SFTModule(L.LightningModule):
+    """Supervised fine-tuning: masked next-token NLL on the response tokens (LoRA or full)."""
+
     def __init__(
         self,
         policy: models.ModelSpec = models.ModelSpec(lora=models.LoRASettings(target_modules=["all-linear"])),
@@ -115,6 +121,7 @@ class SFTModule(L.LightningModule):
             table_rows: held-out completions shown in the W&B sample table.
         """
         super().__init__()
+        self.strict_loading = False  # checkpoints hold only trainable weights (set before FSDP2 loads)
         self.save_hyperparameters()
         self.spec = policy
         self.optim_settings = optimizer
@@ -123,14 +130,8 @@ class SFTModule(L.LightningModule):
         self.val_perplexity = Perplexity()
         self.throughput = Throughput(peak_flops)
         self._packing_checked = False
-        self._tokenizer = None
+        self.tokenizer = models.load_tokenizer(policy.name, policy.revision)
         self._table_rows: list[list] = []
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = models.load_tokenizer(self.spec.name, self.spec.revision)
-        return self._tokenizer
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -156,14 +157,14 @@ class SFTModule(L.LightningModule):
     def training_step(self, batch: SFTBatch, batch_idx: int) -> torch.Tensor:
         # 1. logps of the response tokens (prompt tokens are masked out by loss_mask)
         logps, hits = self.token_stats(batch)
-        # 2. masked NLL: mean over the scored tokens of all ranks (DDP/FSDP average the ranks' gradients, hence x W)
-        world = self.trainer.world_size
-        tokens = torch.tensor(float(logps.numel()), device=logps.device)
-        if world > 1:
-            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
-        loss = -logps.sum() * world / tokens.clamp(min=1.0)
-        # 3. log global per-token figures (the mean over ranks of the x W scaled ones)
-        n, accuracy, nll = len(batch), hits.float().sum() * world / tokens.clamp(min=1.0), loss.detach()
+        # 2. masked NLL: mean over the scored tokens of all ranks (DDP/FSDP average the ranks' gradients)
+        world, normalizer = (
+            self.trainer.world_size,
+            global_normalizer(torch.tensor(float(logps.numel()), device=logps.device)),
+        )
+        loss = -logps.sum() / normalizer
+        # 3. log global per-token figures (the mean over ranks of the rank-scaled ones)
+        n, accuracy, nll = len(batch), hits.float().sum() / normalizer, loss.detach()
         if world > 1:
             nll, accuracy = (self.trainer.strategy.reduce(x, reduce_op="mean") for x in (nll, accuracy))
         self.log("train/loss", nll, prog_bar=True, batch_size=n)
@@ -183,22 +184,41 @@ class SFTModule(L.LightningModule):
         self.val_loss.update(nll, count)
         self.val_token_accuracy.update(hits.float().mean(), count)
         self.val_perplexity.update(nll, count)
-        metrics = {"val/loss": self.val_loss, "val/token_accuracy": self.val_token_accuracy, "val/perplexity": self.val_perplexity}
+        metrics = {
+            "val/loss": self.val_loss,
+            "val/token_accuracy": self.val_token_accuracy,
+            "val/perplexity": self.val_perplexity,
+        }
         self.log_dict(metrics, on_epoch=True, on_step=False, batch_size=len(batch), add_dataloader_idx=False)
 
     @torch.no_grad()
     def _greedy_accuracy(self, batch: PromptBatch) -> None:
-        completions = greedy_completions(self.policy, self.tokenizer, batch.input_ids, batch.attention_mask, self.hparams.max_new_tokens)
-        correct = [float(is_correct(c, a)) for c, a in zip(completions, batch.extras["answer"])]
+        completions = greedy_completions(
+            self.policy, self.tokenizer, batch.input_ids, batch.attention_mask, self.hparams.max_new_tokens
+        )
+        correct = [float(bool(is_correct(c, a))) for c, a in zip(completions, batch.extras["answer"])]
         self.val_accuracy.update(torch.tensor(correct).mean(), len(correct))
-        self.log("val/accuracy", self.val_accuracy, on_epoch=True, on_step=False, batch_size=len(correct), add_dataloader_idx=False)
+        self.log(
+            "val/accuracy",
+            self.val_accuracy,
+            on_epoch=True,
+            on_step=False,
+            batch_size=len(correct),
+            add_dataloader_idx=False,
+        )
         need = self.hparams.table_rows - len(self._table_rows)
         for p, c, a, ok in list(zip(batch.prompts, completions, batch.extras["answer"], correct))[: max(0, need)]:
             self._table_rows.append([p, c, str(a), ok])
 
     def on_validation_epoch_end(self) -> None:
         if self._table_rows and not self.trainer.sanity_checking:
-            log_table(self.trainer, "val/samples", ["prompt", "completion", "answer", "correct"], self._table_rows, step=self.global_step)
+            log_table(
+                self.trainer,
+                "val/samples",
+                ["prompt", "completion", "answer", "correct"],
+                self._table_rows,
+                step=self.global_step,
+            )
         self._table_rows = []
 
     # -- optimisation, checkpoints, export ------------------------------------------------------------------------
@@ -209,19 +229,22 @@ class SFTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.strict_loading = False
-
-    def export(self, out_dir: Path) -> dict[str, str]:
+    def export(self, out_dir: Path, dtype: str | None = None) -> dict[str, str]:
         rank_zero = self._trainer is None or self.trainer.is_global_zero
-        return models.export_pretrained(self.policy, self.tokenizer, out_dir, self.spec, rank_zero)
+        return models.export_pretrained(self.policy, self.tokenizer, out_dir, self.spec, rank_zero, dtype)
 
 
-def greedy_completions(lm: torch.nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> list[str]:
+def greedy_completions(
+    lm: torch.nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
+) -> list[str]:
     """Greedy completions (text, special tokens removed) of left-padded prompts, batched, with the KV cache."""
     out = lm.generate(
-        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         synced_gpus=is_sharded(lm),  # FSDP2: every forward is collective, so all ranks decode the same number of steps
     )
     return tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
