@@ -89,6 +89,35 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             replace_path(tmp, path)
         self.barrier("atomic_checkpoint_in_place")
 
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Restore a sharded checkpoint that holds only the trainable weights (the stages drop frozen ones in
+        ``on_save_checkpoint``): the model's state is read for the keys the checkpoint has, the rest keep their
+        loaded values (Lightning's own loader asks for every key and fails on the first frozen one). Optimizer states
+        and the non-tensor metadata are restored as Lightning does; a single-file checkpoint goes to Lightning."""
+        from torch.distributed import checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not path.is_dir():
+            return super().load_checkpoint(path, weights_only=weights_only)
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        model = {k: v for k, v in get_model_state_dict(self.model).items() if f"state_dict.{k}" in saved}
+        dcp.load({"state_dict": model}, checkpoint_id=path)
+        set_model_state_dict(self.model, model, options=StateDictOptions(strict=False))
+        for idx, optimizer in enumerate(self.optimizers):
+            state = {f"optimizer_{idx}": get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(state, checkpoint_id=path)
+            set_optimizer_state_dict(
+                self.model, optimizer, state[f"optimizer_{idx}"], options=StateDictOptions(cpu_offload=True)
+            )
+        return torch.load(path / SHARDED_METADATA, weights_only=weights_only)
+
 
 # ------------------------------------------------------------------------------------------------ resume target
 def checkpoint_global_step(path: str | os.PathLike) -> int:
