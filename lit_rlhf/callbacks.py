@@ -109,6 +109,29 @@ def _last_good(trainer: L.Trainer) -> str:
     return str(found) if found else "none (no checkpoint written yet)"
 
 
+class CheckpointFit(L.Callback):
+    """Refuses to resume from a checkpoint whose weights are not this model's trainable weights (saved with other
+    model settings: full fine-tune vs LoRA, another rank or target modules, another model). The stages load with
+    ``strict_loading=False`` (checkpoints hold only trainable weights), so without this the mismatch would surface
+    later as an optimizer-group error that names no cause. Runs before the optimizer states are restored."""
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("state_dict")
+        if saved is None:  # a sharded (FSDP2) checkpoint: its weights were loaded by key already
+            return
+        params = dict(pl_module.named_parameters())
+        foreign = sorted(k for k in saved if k not in params and k not in dict(pl_module.named_buffers()))
+        missing = sorted(k for k, p in params.items() if p.requires_grad and k not in saved)
+        if foreign or missing:
+            raise ValueError(
+                f"checkpoint {trainer.ckpt_path} does not fit this run's model: it holds {len(foreign)} weights the "
+                f"model does not have (e.g. {foreign[:2]}) and lacks {len(missing)} that it trains (e.g. "
+                f"{missing[:2]}). Was it saved with other model settings (full fine-tune vs LoRA, another LoRA rank "
+                "or target modules, another model)? Resume with that run's settings (its config.yaml), or start a new "
+                "run (--overwrite)."
+            )
+
+
 class StartMetrics(L.Callback):
     """The held-out metrics measured before training (``final_metrics.json["start"]``), kept in every checkpoint so a
     resumed run reports them too."""

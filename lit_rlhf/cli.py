@@ -28,7 +28,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from lit_rlhf.callbacks import DivergenceGuard, ExportCallback, StartMetrics
+from lit_rlhf.callbacks import CheckpointFit, DivergenceGuard, ExportCallback, StartMetrics
 from lit_rlhf.checkpointing import AtomicCheckpointIO
 from lit_rlhf.cli_help import USAGE, HelpAllAction, RawDescriptionFormatter, StageArgumentParser, stage_prog
 from lit_rlhf.hardware import fsdp2_strategy, runs_on_cpu
@@ -182,7 +182,7 @@ class RLHFCLI(LightningCLI):
             )
         export = Namespace(enabled=cfg.export, dtype=None) if isinstance(cfg.export, bool) else cfg.export
         callbacks.append(ExportCallback(enabled=export.enabled, dtype=export.dtype))
-        callbacks += [ExitAfterRequeue(), DivergenceGuard(cfg.nan_policy), StartMetrics()]
+        callbacks += [ExitAfterRequeue(), DivergenceGuard(cfg.nan_policy), StartMetrics(), CheckpointFit()]
         if trainer_cfg.get("strategy") == "fsdp2":
             kwargs["strategy"] = fsdp2_strategy(trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1))
         plugins = list(trainer_cfg.get("plugins") or [])

@@ -187,3 +187,17 @@ def test_fsdp2_sharded_checkpoints_are_written_atomically_and_found_by_last(tmp_
     # and the run resumes from it (stages set strict_loading in __init__: FSDP2 loads before on_load_checkpoint)
     resumed = run_entry("dpo", out, *fsdp, "--trainer.max_steps=3", "--ckpt_path", "last")
     assert resumed["global_step"] == 3 and min(resumed["steps"]) == 2, "continued after step 2"
+
+
+@pytest.mark.slow
+def test_a_full_fine_tune_checkpoint_resumed_into_a_lora_run_names_the_cause(tmp_path):
+    """The stages load checkpoints non-strictly (they hold only trainable weights); a checkpoint of other model
+    settings is refused before the optimizer states are restored, with the cause, not an optimizer-group error."""
+    out = tmp_path / "run"
+    base = [*DPO, "--validate_before_fit=false", "--export=false", "--trainer.val_check_interval=2"]
+    run_entry("dpo", out, *base, "--trainer.max_steps=2")
+    cmd = [sys.executable, "-m", "lit_rlhf.experiments.dpo", *base, "--trainer.max_steps=3", "--ckpt_path", "last"]
+    cmd += ["--model.policy.lora={}", "--model.policy.lora.r=4", "--wandb.mode=disabled", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "does not fit this run's model" in proc.stderr and "full fine-tune vs LoRA" in proc.stderr
