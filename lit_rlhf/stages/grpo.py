@@ -104,8 +104,7 @@ class GRPOModule(L.LightningModule):
             sampling: temperature, top-p, top-k and token budget of the training rollouts (validation is greedy with
                 the same budget). The loss takes logps at this temperature.
             loss: GRPO-family loss: ``grpo``, ``dapo``, ``dr_grpo``, ``gspo``, ``dual_clip``, ``cispo``, ``sapo``.
-            advantage_estimator: ``group`` (r - group mean, scaled by ``scale_rewards``), ``rloo``, ``reinforce_pp``,
-                ``reinforce_pp_baseline``, ``gdpo`` or ``online_rft`` (:mod:`lit_rlhf.objectives`).
+            advantage_estimator: group, rloo, reinforce_pp, reinforce_pp_baseline, gdpo or online_rft (objectives).
             scale_rewards: divide centred rewards by the ``group`` std, the ``batch`` std, or not at all (``none``).
             beta: KL coefficient; 0 loads no reference and computes no reference logps.
             kl_estimator: per-token KL estimator ``k1``, ``k2``, ``k3``, ``k3+`` or ``k3_iw`` (:mod:`.losses.kl`).
@@ -113,7 +112,8 @@ class GRPOModule(L.LightningModule):
             epsilon_low: lower clip range of the ratio (1 - epsilon_low); ``null``: the loss's default.
             epsilon_high: upper clip range (1 + epsilon_high); above epsilon_low is DAPO's clip-higher.
             dual_clip_c: ``dual_clip``: a negative-advantage token's loss is at most c |A|.
-            tau_pos: ``sapo``: gate temperature of positive-advantage tokens; tau_neg: of negative ones.
+            tau_pos: ``sapo``: gate temperature of the positive-advantage tokens.
+            tau_neg: ``sapo``: gate temperature of the negative-advantage tokens.
             top_entropy_quantile: train only on this fraction of highest-entropy tokens; ``null``: all tokens.
             off_policy_mask_threshold: drop A < 0 completions whose KL to the sampler exceeds it; ``null``: off.
             rft_threshold: ``online_rft``: a completion with a total reward >= it is correct.
