@@ -46,8 +46,15 @@ def _inputs(seed: int = 0):
 def _minibatch(mask, sample_logps=None) -> Rollout:
     n, r = mask.shape
     ids = torch.ones(n, r, dtype=torch.long)
-    return Rollout(ids[:1], ids[:1], ids, mask.long(), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=bool),
-                   sample_logps=sample_logps)  # fmt: skip
+    return Rollout(
+        ids[:1],
+        ids[:1],
+        ids,
+        mask.long(),
+        torch.zeros(n, dtype=torch.long),
+        torch.zeros(n, dtype=bool),
+        sample_logps=sample_logps,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ loss binding
@@ -139,15 +146,14 @@ def test_reinforce_pp_whitens_the_returns_over_the_scored_completions_tokens():
     torch.testing.assert_close(adv, masked_whiten(returns, valid))
     assert adv[3].abs().sum() == 0 and adv.shape == mask.shape
     values = torch.tensor([1.0, 1, 0, 3, 3, 3])  # the 6 scored tokens
-    torch.testing.assert_close(
-        adv[valid.bool()], (values - values.mean()) / values.std(), atol=1e-4, rtol=0
-    )
+    torch.testing.assert_close(adv[valid.bool()], (values - values.mean()) / values.std(), atol=1e-4, rtol=0)
 
 
 def test_reinforce_pp_with_the_kl_in_the_reward_is_the_dense_reward_return():
     logps, old, ref, mask, _ = (t.float() for t in _inputs())
-    s = ObjectiveSettings(group_size=G, advantage_estimator="reinforce_pp", beta=0.1, kl_placement="reward",
-                          kl_estimator="k1")  # fmt: skip
+    s = ObjectiveSettings(
+        group_size=G, advantage_estimator="reinforce_pp", beta=0.1, kl_placement="reward", kl_estimator="k1"
+    )
     adv, stats = GRPOObjective(s).advantages(_scores([1.0, 0.0, 2.0, 5.0]), mask, old, ref)
     rewards = -0.1 * (old - ref) * mask
     last = mask.sum(-1).long() - 1
@@ -243,15 +249,21 @@ def test_ppo_policy_loss_and_advantages_by_name():
     adv = torch.randn(N, R, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     plain, dual = objectives.ppo_policy_loss("ppo", 0.2, 3.0), objectives.ppo_policy_loss("dual_clip", 0.1, 2.0)
     assert plain.func is ppo_policy_loss and "dual_clip_c" not in plain.keywords
-    torch.testing.assert_close(dual(logps, old, adv, mask)[0], ppo_dual_clip_loss(logps, old, adv, mask,
-                               clip_range=0.1, dual_clip_c=2.0)[0], rtol=0, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        dual(logps, old, adv, mask)[0],
+        ppo_dual_clip_loss(logps, old, adv, mask, clip_range=0.1, dual_clip_c=2.0)[0],
+        rtol=0,
+        atol=0,
+    )
     rewards, values = adv, torch.rand(N, R, dtype=torch.float64)
     for got, want in zip(
         objectives.ppo_advantages("gae", rewards, values, mask, 1.0, 0.9), gae(rewards, values, mask, 1.0, 0.9)
     ):
         assert torch.equal(got, want)
-    for got, want in zip(objectives.ppo_advantages("reinforce_pp", rewards, values, mask, 0.9, 0.9),
-                         reinforce_pp_advantages(rewards, mask, 0.9)):  # fmt: skip
+    for got, want in zip(
+        objectives.ppo_advantages("reinforce_pp", rewards, values, mask, 0.9, 0.9),
+        reinforce_pp_advantages(rewards, mask, 0.9),
+    ):
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="choose 'gae' or 'reinforce_pp'"):
         objectives.ppo_advantages("vtrace", rewards, values, mask, 1.0, 1.0)
