@@ -263,6 +263,11 @@ def validation_metrics(rollout: Rollout, token_kl: torch.Tensor) -> dict[str, to
 
 
 # ------------------------------------------------------------------------------------------------ entropy bonus
+def critic_inputs(r: Rollout) -> tuple[torch.Tensor, ...]:
+    """The arguments of a critic's forward (:mod:`lit_rlhf.critics`) for the rollout's completions."""
+    return r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask, r.prompt_index
+
+
 class LogitsRecorder(nn.Module):
     """Calls ``lm`` unchanged and keeps the logits of each call with their graph, so the entropy bonus comes from the
     very forward that gives the logps (:func:`lit_rlhf.logprobs.response_logps`: a prompt pass, a response pass)."""

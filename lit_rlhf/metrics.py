@@ -109,6 +109,17 @@ def training_flops(
     return forward + backward + reference_forwards * forward
 
 
+def rollout_step_flops(
+    flop_counts: tuple[int, int], prompt_tokens: int, completion_tokens: int, forwards: int, passes: int, full: bool
+) -> float:
+    """Model FLOPs of an RL step: ``forwards`` no-grad forwards over prompts and completions (sampling, old and
+    reference logps) and ``passes`` training passes (forward + backward; ``full``: full fine-tune)."""
+    n_body, head = flop_counts
+    tokens = prompt_tokens + completion_tokens
+    forward = 2.0 * n_body * tokens + 2.0 * head * completion_tokens
+    return forwards * forward + passes * training_flops(n_body, head, tokens, completion_tokens, full, 0)
+
+
 class Throughput:
     """Wall-clock throughput between consecutive ``step`` calls: samples/s, tokens/s, MFU."""
 

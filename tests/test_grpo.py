@@ -112,7 +112,7 @@ class FixedRolloutGRPO(GRPOModule):
     def update(self, rollout, advantages, old_logps, ref_logps):
         self.seen = getattr(self, "seen", [])
         self.seen += [
-            (rollout.prompts[i], rollout.completions[n], float(advantages[n]))
+            (rollout.prompts[i], rollout.completions[n], float(advantages[n].float().mean()))  # [N] or [N, R]
             for n, i in enumerate(rollout.prompt_index.tolist())
         ]
         return super().update(rollout, advantages, old_logps, ref_logps)

@@ -6,19 +6,21 @@ completion gets the group-relative advantage A_i = (r_i - mean(r)) / (std(r) + e
 
     -1/G sum_i 1/|o_i| sum_t [ min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) - beta KL_k3(pi || pi_ref) ]
 
-Variants are picked by name: ``loss`` = grpo | dapo (token-level mean) | dr_grpo (constant normaliser; use it with
-``scale_rewards=none``) | gspo (sequence ratio), see :mod:`lit_rlhf.losses.policy`; ``advantage_estimator`` = group |
-rloo. ``beta = 0`` loads no reference. The reference is the policy with its LoRA adapter disabled, or a frozen copy.
+Variants are picked by name (:mod:`lit_rlhf.objectives`): ``loss`` = grpo | dapo | dr_grpo | gspo | dual_clip |
+cispo | sapo (:mod:`lit_rlhf.losses.policy`), ``advantage_estimator``, ``kl_estimator``, ``kl_placement``, token masks
+(top entropy, off-policy). ``beta = 0`` loads no reference. The reference is the policy with its LoRA adapter
+disabled, or a frozen copy.
 A completion no reward function scored (all None/NaN) is left out of its group's statistics and gets advantage 0.
 Settings that cannot learn (``num_generations`` < 2, ...) are refused at construction
 (:func:`lit_rlhf.advantages.check_grpo_settings`).
 
 ``training_step`` is the whole algorithm, top to bottom: (1) sample G completions per prompt
-(:func:`lit_rlhf.rollout.sample_completions`), (2) score, (3) advantages; groups whose rewards are all equal are
-counted, then kept, dropped, or replaced (DAPO dynamic sampling, Yu et al. 2025 §3.2: fresh prompts until the batch
-holds ``batch_size`` groups with signal, at most ``max_resample_rounds`` extra rounds), (4) old logps (mu =
-``num_iterations`` > 1 only; with mu = 1 the ratio is exactly 1) and reference logps, (5) mu passes over the batch in
-minibatches with gradient accumulation, clipping and one optimizer step per pass, (6) log.
+(:func:`lit_rlhf.rollout.sample_completions`), (2) score, (3) groups whose rewards are all equal are counted, then
+kept, dropped, or replaced (DAPO dynamic sampling, Yu et al. 2025 §3.2: fresh prompts until the batch holds
+``batch_size`` groups with signal, at most ``max_resample_rounds`` extra rounds), (4) old logps (mu =
+``num_iterations`` > 1 or KL in the reward; with mu = 1 the ratio is exactly 1), reference logps, then advantages,
+(5) mu passes over the batch in minibatches with gradient accumulation, clipping and one optimizer step per pass, (6)
+log.
 
 One training step is one rollout batch: ``trainer.max_steps``, ``trainer.global_step``, the progress bar and the W&B
 step count rollout batches whatever mu (:func:`lit_rlhf.optim.clip_and_step` counts the first of the mu optimizer
@@ -40,7 +42,6 @@ Validation decodes the held-out prompts greedily and reports ``val/accuracy`` (t
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 from typing import Literal
@@ -48,13 +49,12 @@ from typing import Literal
 import lightning as L
 import torch
 
-from lit_rlhf import models
-from lit_rlhf.advantages import check_grpo_settings, group_advantages, rloo_advantages, zero_variance_groups
+from lit_rlhf import models, objectives
+from lit_rlhf.advantages import check_grpo_settings, zero_variance_groups
 from lit_rlhf.checkpointing import capture_rng, restore_rng
 from lit_rlhf.distributed import fully_shard_lm, global_normalizer, row_chunks
 from lit_rlhf.logprobs import TokenLogps, masked_mean
-from lit_rlhf.losses import GRPO_LOSSES
-from lit_rlhf.metrics import PhaseMeans, Throughput, log_table, model_flop_counts, training_flops
+from lit_rlhf.metrics import PhaseMeans, Throughput, log_table, model_flop_counts, rollout_step_flops
 from lit_rlhf.optim import OptimizerSettings, build_optimizer, clip_and_step, trainable_state_dict
 from lit_rlhf.rewards import DEFAULT_REWARDS, RewardComposer, RewardResult, RewardSpec, validation_means
 from lit_rlhf.rollout import SamplingSettings, completion_stats, concat_rollouts, rollout_logps, sample_completions
@@ -70,13 +70,20 @@ class GRPOModule(L.LightningModule):
         rewards: list[RewardSpec] | None = None,
         num_generations: int = 8,
         sampling: SamplingSettings = SamplingSettings(max_new_tokens=48, temperature=1.0),
-        loss: Literal["grpo", "dapo", "dr_grpo", "gspo"] = "grpo",
-        advantage_estimator: Literal["group", "rloo"] = "group",
+        loss: objectives.GRPOLoss = "grpo",
+        advantage_estimator: objectives.GRPOAdvantage = "group",
         scale_rewards: Literal["group", "batch", "none"] = "group",
         beta: float = 0.0,
-        kl_estimator: Literal["k1", "k2", "k3"] = "k3",
-        epsilon_low: float = 0.2,
-        epsilon_high: float = 0.2,
+        kl_estimator: Literal["k1", "k2", "k3", "k3+", "k3_iw"] = "k3",
+        kl_placement: objectives.KLPlacement = "loss",
+        epsilon_low: float | None = None,
+        epsilon_high: float | None = None,
+        dual_clip_c: float = 3.0,
+        tau_pos: float = 1.0,
+        tau_neg: float = 1.05,
+        top_entropy_quantile: float | None = None,
+        off_policy_mask_threshold: float | None = None,
+        rft_threshold: float = 1.0,
         num_iterations: int = 1,
         minibatch_size: int | None = None,
         zero_variance_groups: Literal["keep", "drop", "resample"] = "keep",
@@ -96,13 +103,20 @@ class GRPOModule(L.LightningModule):
             num_generations: G, completions sampled per prompt (the group).
             sampling: temperature, top-p, top-k and token budget of the training rollouts (validation is greedy with
                 the same budget). The loss takes logps at this temperature.
-            loss: GRPO-family loss by name: ``grpo``, ``dapo``, ``dr_grpo``, ``gspo``.
-            advantage_estimator: ``group`` (r - group mean, scaled by ``scale_rewards``) or ``rloo`` (leave-one-out).
+            loss: GRPO-family loss: ``grpo``, ``dapo``, ``dr_grpo``, ``gspo``, ``dual_clip``, ``cispo``, ``sapo``.
+            advantage_estimator: group, rloo, reinforce_pp, reinforce_pp_baseline, gdpo or online_rft (objectives).
             scale_rewards: divide centred rewards by the ``group`` std, the ``batch`` std, or not at all (``none``).
             beta: KL coefficient; 0 loads no reference and computes no reference logps.
-            kl_estimator: per-token KL estimator ``k1``, ``k2`` or ``k3``.
-            epsilon_low: lower clip range of the ratio (1 - epsilon_low).
+            kl_estimator: per-token KL estimator ``k1``, ``k2``, ``k3``, ``k3+`` or ``k3_iw`` (:mod:`.losses.kl`).
+            kl_placement: the KL in the ``loss`` or subtracted from the ``reward`` before the advantages.
+            epsilon_low: lower clip range of the ratio (1 - epsilon_low); ``null``: the loss's default.
             epsilon_high: upper clip range (1 + epsilon_high); above epsilon_low is DAPO's clip-higher.
+            dual_clip_c: ``dual_clip``: a negative-advantage token's loss is at most c |A|.
+            tau_pos: ``sapo``: gate temperature of the positive-advantage tokens.
+            tau_neg: ``sapo``: gate temperature of the negative-advantage tokens.
+            top_entropy_quantile: train only on this fraction of highest-entropy tokens; ``null``: all tokens.
+            off_policy_mask_threshold: drop A < 0 completions whose KL to the sampler exceeds it; ``null``: off.
+            rft_threshold: ``online_rft``: a completion with a total reward >= it is correct.
             num_iterations: mu, optimisation passes over each sampled batch (one optimizer step each).
             minibatch_size: completions per forward/backward (gradient accumulation); ``null``: the whole batch.
             zero_variance_groups: groups whose rewards are all equal: ``keep`` (zero advantage; KL still applies),
@@ -126,13 +140,9 @@ class GRPOModule(L.LightningModule):
         self.tokenizer = models.load_tokenizer(policy.name, policy.revision)
         self.rewards = RewardComposer(DEFAULT_REWARDS if rewards is None else rewards)
         self.rewards.check_weights("model.rewards")  # all 0: every advantage 0
-        extra = {"max_length": sampling.max_new_tokens} if loss == "dr_grpo" else {}
-        clip = {"epsilon_low": epsilon_low, "epsilon_high": epsilon_high}
-        self.loss_fn = functools.partial(GRPO_LOSSES[loss], **clip, beta=beta, kl_estimator=kl_estimator, **extra)
-        self.advantage_fn = {
-            "group": functools.partial(group_advantages, group_size=num_generations, scale=scale_rewards),
-            "rloo": functools.partial(rloo_advantages, group_size=num_generations),
-        }[advantage_estimator]
+        weights = tuple((s.name, s.weight) for s in self.rewards.specs)  # gdpo
+        settings = dict(group_size=num_generations, max_length=sampling.max_new_tokens, reward_weights=weights)
+        self.objective = objectives.GRPOObjective(objectives.ObjectiveSettings.from_options(self.hparams, **settings))
         self.policy, self.frozen_reference = None, None  # built in configure_model
         self.val_means = PhaseMeans()
         self.throughput = Throughput(peak_flops)
@@ -164,22 +174,23 @@ class GRPOModule(L.LightningModule):
         scores = self.score(rollout, batch.extras)
         zero_std = zero_variance_groups(scores.total, hp.num_generations).float().mean().item()
         sampled = {**scores.stats(), **completion_stats(rollout), "frac_zero_std_groups": zero_std}
-        # 3. group-relative advantages; groups with all-equal rewards are kept, dropped or resampled (DAPO)
+        # 3. groups with all-equal rewards are kept, dropped or resampled (DAPO)
         rollout, scores, resampled = self.filter_groups(rollout, scores)
-        advantages = self.advantage_fn(scores.total.to(self.device)) if len(rollout) else scores.total
-        # 4. old logps (mu > 1 only) and reference logps (beta > 0 only), no grad
-        old_logps = self.frozen_logps(self.policy, rollout) if hp.num_iterations > 1 and len(rollout) else None
-        ref_logps = None
+        # 4. old logps (mu > 1 or KL in the reward) and reference logps (beta > 0 only), no grad; advantages
+        old = (hp.num_iterations > 1 or self.objective.needs_old_logps) and len(rollout)
+        old_logps, ref_logps = self.frozen_logps(self.policy, rollout) if old else None, None
         if hp.beta > 0 and len(rollout):
             with models.reference_policy(self.policy, self.frozen_reference) as ref:
                 ref_logps = self.frozen_logps(ref, rollout)
+        advantages, adv_stats = self.objective.advantages(scores, rollout.response_mask, old_logps, ref_logps)
         scored = time.perf_counter()
         # 5. mu iterations x minibatches: accumulate gradients, clip, one optimizer step per iteration (one global step)
         update = self.update(rollout, advantages, old_logps, ref_logps)
         # 6. log
         timing = {"generation_s": generated - started, "scoring_s": scored - generated}
         timing["update_s"] = time.perf_counter() - scored
-        self.log_step(rollout, scores, advantages, {**sampled, **resampled, **update}, timing)
+        advantages = objectives.sequence_advantages(advantages, rollout.response_mask)
+        self.log_step(rollout, scores, advantages, {**sampled, **resampled, **adv_stats, **update}, timing)
 
     def sample(self, batch: PromptBatch, group_size: int, settings: SamplingSettings | None = None) -> Rollout:
         """``group_size`` completions per prompt (rows of a group consecutive), decoded."""
@@ -234,7 +245,8 @@ class GRPOModule(L.LightningModule):
         """mu passes over the batch, one optimizer and scheduler step each (the first counted: one global step per
         rollout batch); returns the mean loss and loss metrics over all passes."""
         opt, scheduler = self.optimizers(), self.lr_schedulers()
-        weights = self._loss_weights(rollout)
+        units = objectives.loss_weights(self.hparams.loss, rollout.completion_lengths.to(self.device))
+        weights = units / global_normalizer(units.sum())  # minibatch losses sum (DDP: average) to the full batch's
         chunks = row_chunks(len(rollout), self.hparams.minibatch_size, self.device, same_count_on_all_ranks=True)
         totals: dict[str, float] = {}
 
@@ -247,15 +259,16 @@ class GRPOModule(L.LightningModule):
                     self.manual_backward(sum(p.sum() for p in self.policy.parameters() if p.requires_grad) * 0.0)
                     continue
                 mb, first = rollout.select(rows), iteration == 0
-                out = self.logps(self.policy, mb, with_entropy=first and mb.entropy is None)
+                need_entropy = (first and mb.entropy is None) or self.objective.needs_entropy
+                out = self.logps(self.policy, mb, with_entropy=need_entropy)
                 old = out.logps.detach() if old_logps is None else old_logps[rows]
                 ref = None if ref_logps is None else ref_logps[rows]
-                loss, metrics = self.loss_fn(out.logps, old, ref, advantages[rows], mb.response_mask)
+                entropy = out.entropy if out.entropy is not None else mb.entropy
+                loss, metrics = self.objective.loss(out.logps, entropy, old, ref, advantages[rows], mb)
                 weight = float(weights[rows].sum())
                 self.manual_backward(loss * weight)
                 for name, value in {"loss": loss.detach(), **metrics}.items():
                     add(name, value, weight / self.hparams.num_iterations)
-                entropy = out.entropy if out.entropy is not None else mb.entropy
                 if first and entropy is not None:  # per pass-0 metrics: entropy, sampler vs trainer logps
                     add("entropy", masked_mean(entropy, mb.response_mask), weight)
                 if first and mb.sample_logps is not None:
@@ -265,13 +278,6 @@ class GRPOModule(L.LightningModule):
             scheduler.step()
         return {"loss": 0.0, **totals}
 
-    def _loss_weights(self, rollout: Rollout) -> torch.Tensor:
-        """Per-row weights [N]: the row's units of the loss normaliser (1 per sequence, or its tokens for dapo)
-        over their mean per rank, so minibatch losses sum (and DDP averages) to the full-batch loss."""
-        dapo = self.hparams.loss == "dapo"
-        units = rollout.completion_lengths.float() if dapo else torch.ones(len(rollout), device=self.device)
-        return units / global_normalizer(units.sum())
-
     # -- logging --------------------------------------------------------------------------------------------------
     def log_step(self, rollout: Rollout, scores: RewardResult, advantages, stats: dict, timing: dict) -> None:
         n, sync = len(rollout), self.trainer.world_size > 1  # train/* are the mean over ranks
@@ -279,7 +285,11 @@ class GRPOModule(L.LightningModule):
         self.log("train/loss", stats["loss"], prog_bar=True, sync_dist=sync, batch_size=max(n, 1))
         self.log_dict({f"perf/{k}": v for k, v in timing.items()}, batch_size=max(n, 1))
         tokens = int(rollout.prompt_mask.sum() + rollout.response_mask.sum()) if n else 0
-        perf = self.throughput.step(n, tokens, self._step_flops(rollout) if n else 0.0)  # samples: completions
+        prompt, completion = int(rollout.prompt_mask.sum()), int(rollout.response_mask.sum())
+        extra = int(self.hparams.beta > 0) + int(self.hparams.num_iterations > 1 or self.objective.needs_old_logps)
+        mu, full = self.hparams.num_iterations, self.spec.lora is None  # sampling, old, ref forwards; mu passes
+        flops = rollout_step_flops(self._flop_counts, prompt, completion, 1 + extra, mu, full) if n else 0.0
+        perf = self.throughput.step(n, tokens, flops)  # samples: completions
         self.log_dict(perf, batch_size=max(n, 1))
         every, step = self.hparams.table_every_n_steps, self.global_step  # this step's rollout batch, counted
         if every and n and (step - 1) % every == 0:
@@ -288,15 +298,6 @@ class GRPOModule(L.LightningModule):
                 self._train_rows.append([self.global_step, p, rollout.completions[i], reward, float(advantages[i])])
             columns = ["step", "prompt", "completion", "reward", "advantage"]
             log_table(self.trainer, "train/samples", columns, self._train_rows, step=self.global_step)
-
-    def _step_flops(self, rollout: Rollout) -> float:
-        """Model FLOPs of a step: the sampling forward, mu x (forward + backward), old and reference forwards."""
-        n_body, head = self._flop_counts
-        prompt, completion = int(rollout.prompt_mask.sum()), int(rollout.response_mask.sum())
-        forward = 2.0 * n_body * (prompt + completion) + 2.0 * head * completion
-        extra = int(self.hparams.beta > 0) + int(self.hparams.num_iterations > 1)
-        train = training_flops(n_body, head, prompt + completion, completion, self.spec.lora is None, 0)
-        return (1 + extra) * forward + self.hparams.num_iterations * train
 
     # -- validation -----------------------------------------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:

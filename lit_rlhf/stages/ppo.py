@@ -41,15 +41,14 @@ from typing import Literal
 import lightning as L
 import torch
 
-from lit_rlhf import critics, experience, models, reward_models
-from lit_rlhf.advantages import gae
+from lit_rlhf import critics, experience, models, objectives, reward_models
 from lit_rlhf.critics import CriticSettings
 from lit_rlhf.distributed import fully_shard_lm, fully_shard_root, global_masked_whiten, global_normalizer, rank_mean
 from lit_rlhf.experience import Experience, LogitsRecorder, RunningMoments, ScoreNorm
 from lit_rlhf.kl_control import KLSettings, build_kl_controller
 from lit_rlhf.logprobs import masked_mean, sequence_logps
-from lit_rlhf.losses import ppo_policy_loss, ppo_value_loss
-from lit_rlhf.metrics import PhaseMeans, Throughput, log_table, model_flop_counts, training_flops
+from lit_rlhf.losses import ppo_value_loss
+from lit_rlhf.metrics import PhaseMeans, Throughput, log_table, model_flop_counts, rollout_step_flops
 from lit_rlhf.optim import OptimizerSettings, build_optimizer, clip_and_step, trainable_state_dict
 from lit_rlhf.reward_models import RewardModelSettings
 from lit_rlhf.rewards import DEFAULT_REWARDS, RewardComposer, RewardSpec, add_rewards, scoring_texts, validation_means
@@ -72,11 +71,14 @@ class PPOModule(L.LightningModule):
         samples_per_prompt: int = 1,
         ppo_epochs: int = 2,
         minibatch_size: int = 4,
+        policy_loss: objectives.PPOLoss = "ppo",
         clip_range: float = 0.2,
+        dual_clip_c: float = 3.0,
         clip_range_value: float = 0.2,
         entropy_coef: float = 0.0,
         gamma: float = 1.0,
         lam: float = 0.95,
+        advantage_estimator: objectives.PPOAdvantage = "gae",
         kl: KLSettings = KLSettings(),
         score_clip: float | None = 5.0,
         missing_eos_penalty: float | None = 0.25,
@@ -102,11 +104,14 @@ class PPOModule(L.LightningModule):
             samples_per_prompt: completions sampled per prompt.
             ppo_epochs: passes over each rollout batch.
             minibatch_size: completions per update minibatch.
+            policy_loss: ``ppo`` (clipped surrogate) or ``dual_clip`` (A < 0 token loss at most ``dual_clip_c`` |A|).
             clip_range: PPO ratio clip epsilon (0.2 did best in Schulman et al. 2017, §6.1).
+            dual_clip_c: the dual-clip bound c (> 1; Ye et al. 2020 and verl use 3).
             clip_range_value: how far a value may move from its old value before the value loss is clipped.
             entropy_coef: weight of the entropy bonus (mean token entropy of the policy), 0 = off.
             gamma: GAE discount.
             lam: GAE lambda.
+            advantage_estimator: ``gae`` (critic) or ``reinforce_pp`` (returns whitened over the batch; Hu 2025).
             kl: KL penalty in the reward: initial coefficient, adaptive target/horizon or fixed, estimator.
             score_clip: scores are clipped to [-score_clip, score_clip] in the reward (e.g. 5); null: no clip.
             missing_eos_penalty: subtracted from the score of a completion that hit the token budget; null: off.
@@ -133,6 +138,7 @@ class PPOModule(L.LightningModule):
         self.temperature = sampling.temperature or 1.0  # of the logps (greedy decoding: the untempered distribution)
         self.composer = RewardComposer(rewards) if rewards else None
         self.kl_ctl, self.moments = build_kl_controller(kl), RunningMoments()
+        self.policy_loss = objectives.ppo_policy_loss(policy_loss, clip_range, dual_clip_c)
         self.policy = None  # built in configure_model
         self.val_means, self.throughput, self._val_rows = PhaseMeans(), Throughput(peak_flops), []
 
@@ -185,8 +191,7 @@ class PPOModule(L.LightningModule):
         return sample_completions(self.policy, self.tokenizer, batch, n, self.sampling, generator, backend)
 
     def score(self, rollout: Rollout, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """(scores [N] before penalty/normalisation, NaN where no source gave a reward; per-source statistics):
-        reward model + reward functions."""
+        """Reward model + reward functions: (scores [N] before penalty, NaN where none scored; per-source stats)."""
         index = rollout.prompt_index.tolist()
         prompts = [batch.prompts[i] for i in index]
         scores, stats = None, {}
@@ -221,10 +226,10 @@ class PPOModule(L.LightningModule):
         old_logps = rollout_logps(self.policy, rollout, self.temperature).logps
         with models.reference_policy(self.policy, self.frozen_reference) as ref:
             ref_logps = rollout_logps(ref, rollout, self.temperature).logps
-        values = self.critic(*self.rows(rollout))
+        values = self.critic(*experience.critic_inputs(rollout))
         kl_coef, clip = self.kl_ctl.value, hp.score_clip
         rewards, kl = experience.dense_rewards(scores, old_logps, ref_logps, mask, kl_coef, estimator, clip)
-        advantages, returns = gae(rewards, values, mask, hp.gamma, hp.lam)
+        advantages, returns = objectives.ppo_advantages(hp.advantage_estimator, rewards, values, mask, hp.gamma, hp.lam)
         advantages, returns, scored = experience.drop_unscored(advantages, returns, values, scores)
         if hp.whiten_advantages:  # over the scored completions' response tokens of all ranks
             advantages = global_masked_whiten(advantages, mask * scored)
@@ -261,7 +266,7 @@ class PPOModule(L.LightningModule):
         coef = self.hparams.entropy_coef
         lm = LogitsRecorder(self.policy) if coef != 0 else self.policy
         logps = rollout_logps(lm, mb.rollout, self.temperature).logps
-        loss, metrics = ppo_policy_loss(logps, mb.old_logps, mb.advantages, mb.mask, clip_range=self.hparams.clip_range)
+        loss, metrics = self.policy_loss(logps, mb.old_logps, mb.advantages, mb.mask)
         metrics = {**metrics, "loss": loss.detach()}
         if coef != 0:
             loss = loss - coef * masked_mean(lm.entropy(mb.rollout, self.temperature), mb.mask)
@@ -269,7 +274,7 @@ class PPOModule(L.LightningModule):
 
     def critic_loss(self, mb: Experience, share: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(clipped value loss against the GAE returns, metrics), both x this rank's token ``share``."""
-        values = self.critic(*self.rows(mb.rollout))
+        values = self.critic(*experience.critic_inputs(mb.rollout))
         clip = self.hparams.clip_range_value
         loss, metrics = ppo_value_loss(values, mb.values, mb.returns, mb.mask, clip_range_value=clip)
         return loss * share, {k: v * share for k, v in {**metrics, "value_loss": loss.detach()}.items()}
@@ -281,10 +286,8 @@ class PPOModule(L.LightningModule):
         self.log("train/rewards/mean", metrics.pop("rewards/mean"), prog_bar=True, batch_size=n, sync_dist=sync)
         self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, batch_size=n, sync_dist=sync)
         tokens, scored = int(r.prompt_mask[r.prompt_index].sum() + mask.sum()), int(mask.sum())
-        forward = training_flops(*self._flop_counts, tokens, scored, False, 0) / 2
-        forward_backward = training_flops(*self._flop_counts, tokens, scored, self.spec.lora is None, 0)
-        passes = stats["ppo/updates"] * self.hparams.minibatch_size / n
-        flops = 4 * forward + 2 * passes * forward_backward  # sample, old, ref, values; actor + critic updates
+        passes = 2 * stats["ppo/updates"] * self.hparams.minibatch_size / n  # actor + critic; 4 forwards below
+        flops = rollout_step_flops(self._flop_counts, tokens - scored, scored, 4, passes, self.spec.lora is None)
         self.log_dict({**timing, **self.throughput.step(n, tokens, flops)}, batch_size=n)
         if (self.global_step - 1) % self.hparams.table_every_n_steps == 0:
             rows = self.table_rows(r, raw_scores, exp.kl)
@@ -293,9 +296,6 @@ class PPOModule(L.LightningModule):
     def table_rows(self, r: Rollout, scores: torch.Tensor, token_kl: torch.Tensor) -> list[list]:
         index, kl = r.prompt_index.tolist()[: self.hparams.table_rows], sequence_logps(token_kl, r.response_mask)
         return [[r.prompts[p], r.completions[i], float(scores[i]), float(kl[i])] for i, p in enumerate(index)]
-
-    def rows(self, r: Rollout) -> tuple[torch.Tensor, ...]:
-        return r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask, r.prompt_index
 
     # -- validation: held-out prompts, fixed sampling seed -------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
