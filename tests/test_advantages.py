@@ -134,10 +134,13 @@ def test_grpo_settings_that_cannot_learn_are_refused(kwargs, message):
 
 
 def test_grpo_settings_that_can_learn_pass():
+    """At the boundary: 2 generations are accepted for every estimator and scaling, 1 is refused."""
     for estimator in ("group", "rloo"):
         for scale in ("group", "batch", "none"):
-            check_grpo_settings(2, estimator, scale, num_iterations=1, beta=0.0)
-    check_grpo_settings(8, "group", "none", num_iterations=4, beta=0.04)
+            assert check_grpo_settings(2, estimator, scale, num_iterations=1, beta=0.0) is None
+            with pytest.raises(ValueError, match="model.num_generations=1"):
+                check_grpo_settings(1, estimator, scale, num_iterations=1, beta=0.0)
+    assert check_grpo_settings(8, "group", "none", num_iterations=4, beta=0.04) is None
 
 
 # GAE: one fully masked row, rewards (0, 0, 1) (reward on the last token), values (0.5, 0.2, 0.4); V after the end = 0.

@@ -304,6 +304,14 @@ def test_ppo_settings_that_cannot_learn_are_refused(kwargs, message):
 
 
 def test_ppo_settings_that_can_learn_pass():
-    check_ppo_settings(1, 1, None, None, [RewardSpec("numeric_correctness")])
+    """At the boundary: one sample and one epoch are accepted, zero of either is refused."""
+    assert check_ppo_settings(1, 1, None, None, [RewardSpec("numeric_correctness")]) is None
+    with pytest.raises(ValueError, match="model.samples_per_prompt=0"):
+        check_ppo_settings(0, 1, None, None, [RewardSpec("numeric_correctness")])
+    with pytest.raises(ValueError, match="model.ppo_epochs=0"):
+        check_ppo_settings(1, 0, None, None, [RewardSpec("numeric_correctness")])
     # a reward model with functions of weight 0 (logged, not rewarded) still learns from the reward model
-    check_ppo_settings(2, 1, 5.0, RewardModelSettings(path="rm"), [RewardSpec("numeric_correctness", 0.0)])
+    rm, logged_only = RewardModelSettings(path="rm"), [RewardSpec("numeric_correctness", 0.0)]
+    assert check_ppo_settings(2, 1, 5.0, rm, logged_only) is None
+    with pytest.raises(ValueError, match="cannot learn"):  # the same functions without the reward model
+        check_ppo_settings(2, 1, 5.0, None, logged_only)
