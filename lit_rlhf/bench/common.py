@@ -39,3 +39,20 @@ class StepTimer(L.Callback):
     def step_times(self) -> list[float]:
         ts = [self.begin] + self.ends
         return [b - a for a, b in zip(ts, ts[1:])]
+
+
+def bench_trainer(max_steps: int, callbacks: list, **overrides) -> L.Trainer:
+    """A CPU Trainer that only trains: no logger, checkpoint, progress bar, summary or validation."""
+    settings = dict(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+    return L.Trainer(**{**settings, **overrides})

@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from lit_rlhf.bench.common import StepTimer, status_mib  # noqa: E402
+from lit_rlhf.bench.common import StepTimer, bench_trainer, status_mib  # noqa: E402
 
 DPO_WORKLOADS = {
     "W1": {"model": "tiny", "lora": False, "pairs": 8, "steps": 30, "reference": "online", "n_data": 1000},
@@ -76,20 +76,7 @@ def run(workload: str, threads: int, precision: str = "32-true") -> dict:
         dm.connect(module.tokenizer)
         timer = StepTimer()
         fit_start = time.perf_counter()
-        trainer = L.Trainer(
-            max_steps=w["steps"],
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            callbacks=[timer],
-            gradient_clip_val=1.0,
-            precision=precision,
-        )
+        trainer = bench_trainer(w["steps"], [timer], gradient_clip_val=1.0, precision=precision)
         trainer.fit(module, datamodule=dm)
         cpu_end = resource.getrusage(resource.RUSAGE_SELF)
         precompute_s = timer.begin - fit_start

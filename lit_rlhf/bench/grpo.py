@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from lit_rlhf.bench.common import StepTimer, status_mib  # noqa: E402
+from lit_rlhf.bench.common import StepTimer, bench_trainer, status_mib  # noqa: E402
 
 GRPO_WORKLOADS = {
     "G1": {
@@ -110,20 +110,7 @@ def run(workload: str, threads: int, precision: str = "32-true") -> dict:
         dm = PromptDataModule(path=data, val_fraction=0.0, batch_size=w["prompts"])
         dm.connect(module.tokenizer)
         timer, phases = StepTimer(), PhaseTimes()
-        trainer = L.Trainer(
-            max_steps=w["steps"],
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            use_distributed_sampler=False,
-            callbacks=[timer, phases],
-            precision=precision,
-        )
+        trainer = bench_trainer(w["steps"], [timer, phases], use_distributed_sampler=False, precision=precision)
         trainer.fit(module, datamodule=dm)
         cpu_end = resource.getrusage(resource.RUSAGE_SELF)
     steps = timer.step_times()

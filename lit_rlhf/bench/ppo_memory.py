@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from lit_rlhf.bench.common import StepTimer, status_mib  # noqa: E402
+from lit_rlhf.bench.common import StepTimer, bench_trainer, status_mib  # noqa: E402
 
 
 def run(critic: str, critic_lora: int, steps: int, batch_size: int, max_new_tokens: int, threads: int) -> dict:
@@ -57,19 +57,7 @@ def run(critic: str, critic_lora: int, steps: int, batch_size: int, max_new_toke
     dm = PromptDataModule(num_train=steps * batch_size, num_val=1, batch_size=batch_size)
     dm.connect(module.tokenizer)
     timer = StepTimer()
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[timer],
-        gradient_clip_val=None,
-    )
+    trainer = bench_trainer(steps, [timer], gradient_clip_val=None)
     rss_before = status_mib("VmRSS")
     trainer.fit(module, datamodule=dm)
     trainable = sum(p.numel() for p in module.critic.trainable_parameters())
