@@ -24,6 +24,8 @@ per-token tensors are ``[N, R]`` aligned with the responses (``mask`` 1 on respo
                             sum of the normalised rewards of the steps ending at or after t (DeepSeekMath §4.1.3)
 - ``rft_coefficients``:     gradient coefficient 1 for a correct completion, 0 for a wrong one (RFT / Online RFT,
                             the gradient coefficient GC of DeepSeekMath §5.2.1)
+- ``distillation_advantages``: minus the per-token reverse KL to a teacher, log pi_student - log pi_teacher of each
+                            sampled token (on-policy distillation, Agarwal et al. 2024), optionally summed to the future
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ GroupScale = Literal["group", "batch", "none"]
 __all__ = [
     "GroupScale",
     "check_grpo_settings",
+    "distillation_advantages",
     "gae",
     "gdpo_advantages",
     "group_advantages",
@@ -310,3 +313,37 @@ def rft_coefficients(correct: torch.Tensor) -> torch.Tensor:
     if correct.dtype != torch.bool and not ((correct == 0) | (correct == 1)).all():
         raise ValueError("rft_coefficients takes correctness as bool or 0/1 values, not graded rewards")
     return correct.to(torch.float32)
+
+
+def distillation_advantages(
+    student_logps: torch.Tensor,
+    teacher_logps: torch.Tensor,
+    mask: torch.Tensor,
+    coef: float = 1.0,
+    discount: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """On-policy distillation: ``(advantages, reverse_kl)`` [N, R] of completions the student sampled.
+
+    The student's per-token reverse KL to the teacher on its own samples, estimated by the sampled token's log-ratio
+    k_t = log pi_s(o_t | o_<t) - log pi_t(o_t | o_<t) (unbiased for KL(pi_s || pi_t) at position t), is a negative
+    per-token reward r_t = -coef k_t. GKD (Agarwal et al. 2024, "On-Policy Distillation of Language Models: Learning
+    from Self-Generated Mistakes", Eq. 4 with lambda = 1 and D = reverse KL) minimises that divergence on student
+    samples; a task reward mixes in as its Eq. 5 (§3.2). ``discount`` = 0 (default) keeps each token's own term,
+    A_t = r_t: the Thinking Machines recipe (tinker-cookbook ``train_on_policy.py``, ``kl_discount_factor = 0``), which
+    ignores o_t's effect on the later tokens' KL and has lower variance; ``discount`` = gamma > 0 gives the
+    reward-to-go A_t = sum_{k >= t} gamma^(k - t) r_k (gamma = 1: the policy gradient of the sequence's reverse KL).
+    No baseline, no whitening (the teacher's log-ratio is the signal). TRL's ``GKDTrainer`` instead differentiates the
+    full-vocabulary generalised JSD (beta = 1: reverse KL) through the student's logits on stop-gradient samples, as
+    GKD's Eq. 4 does (the teacher's whole distribution at every token); this needs only the sampled tokens' teacher
+    logps. 0 outside ``mask``.
+    """
+    if student_logps.shape != teacher_logps.shape or student_logps.shape != mask.shape:
+        shapes = [tuple(x.shape) for x in (student_logps, teacher_logps, mask)]
+        raise ValueError(f"student_logps, teacher_logps and mask must have one shape [N, R], got {shapes}")
+    if not 0.0 <= discount <= 1.0:
+        raise ValueError(f"discount={discount}: a discount factor in [0, 1]")
+    mask = mask.to(student_logps.dtype)
+    reverse_kl = (student_logps - teacher_logps) * mask
+    rewards = -coef * reverse_kl
+    advantages = rewards if discount == 0.0 else _reverse_cumsum(rewards, discount) * mask
+    return advantages, reverse_kl

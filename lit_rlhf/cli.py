@@ -209,12 +209,14 @@ def run_stage(
     args=None,
     description: str = "",
     defaults: dict[str, Any] | None = None,
+    cli_class: type[RLHFCLI] = RLHFCLI,
 ) -> RLHFCLI:
     """Parse the CLI/config, validate (step 0), fit, validate again, and write ``final_metrics.json``.
 
     ``defaults``: dotted keys (``"data.instruction"``) -> values of the stage's default experiment, over the classes'
-    own defaults (like ``trainer_defaults`` for the Trainer)."""
-    cli = RLHFCLI(
+    own defaults (like ``trainer_defaults`` for the Trainer). ``cli_class``: an :class:`RLHFCLI` subclass with more
+    options or work before the classes are built (``lit-rlhf rft`` samples its training data there)."""
+    cli = cli_class(
         model_class, datamodule_class, stage, trainer_defaults, args=args, description=description, defaults=defaults
     )
     cli.datamodule.connect(cli.model.tokenizer)  # data modules are given their tokenizer, they load no model
@@ -242,7 +244,10 @@ def run_stage(
 def _end_process_group(trainer: L.Trainer) -> None:
     """Destroy the process group (DDP/FSDP2) once every rank is done: a gloo group left to the interpreter's exit
     can abort a rank (``terminate called without an active exception``) after the work is finished. A later stage in
-    the same process starts a new one."""
+    the same process starts a new one. A vLLM rollout engine is shut down first (it joined or created the group)."""
+    from lit_rlhf.vllm_engine import release
+
+    release()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         trainer.strategy.barrier("end_of_stage")
         torch.distributed.destroy_process_group()

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_rlhf.logprobs import entropy_from_logits, masked_mean, sequence_logps
+from lit_rlhf.losses.correction import logp_diff_metrics
 from lit_rlhf.losses.kl import KLEstimator, kl_penalty
 from lit_rlhf.rewards import check_reward_weights, reward_stats
 from lit_rlhf.types import Rollout
@@ -231,8 +232,8 @@ def iteration_metrics(
     argument: the mean summed-over-tokens KL over all ranks, what the KL controller sees), ``kl_coef``,
     ``non_score_reward`` (-``kl_coef`` x sequence KL, averaged), ``rlhf_reward`` (mean raw score + non-score reward),
     ``completions/{mean,min,max}_length`` and ``completions/truncated_rate``, the means of ``values``, ``returns``
-    and ``advantages``, ``explained_variance``, ``entropy`` when the sampler recorded it, and the ``update`` metrics
-    renamed by :data:`UPDATE_METRIC_NAMES`."""
+    and ``advantages``, ``explained_variance``, ``entropy`` and ``rollout/logp_diff/{mean,max}`` (sampler vs
+    ``old_logps``) when the sampler recorded them, and the ``update`` metrics renamed by :data:`UPDATE_METRIC_NAMES`."""
     r, mask, lengths = exp.rollout, exp.mask, exp.rollout.completion_lengths.float()
     non_score = float(sequence_logps(-kl_coef * exp.kl, mask).mean())
     rewards = reward_stats(raw_scores)
@@ -247,6 +248,8 @@ def iteration_metrics(
     }  # fmt: skip
     if r.entropy is not None:
         metrics["entropy"] = masked_mean(r.entropy, mask)
+    if r.sample_logps is not None:  # the sampler's logps against the trainer's before the update
+        metrics.update(logp_diff_metrics(exp.old_logps, r.sample_logps, mask))
     metrics.update({UPDATE_METRIC_NAMES.get(k, k): v for k, v in (update or {}).items()})
     return {k: float(v) for k, v in metrics.items()}
 

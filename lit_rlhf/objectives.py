@@ -13,11 +13,13 @@ advantages of a rollout batch (:meth:`GRPOObjective.advantages`) and the loss of
 - ``advantage_estimator``: ``group`` / ``rloo`` (per sequence), ``reinforce_pp`` / ``reinforce_pp_baseline`` (per
   token, whitened over the batch's tokens; Hu 2025), ``gdpo`` (each reward function normalised in its group, Liu et
   al. 2026), ``online_rft`` (coefficient 1 on correct completions, 0 on wrong ones; DeepSeekMath §5.2.1: correct
-  means a total reward >= ``rft_threshold``). Under DDP the batch statistics of the per-token and gdpo estimators
-  are each rank's.
+  means a total reward >= ``rft_threshold``), ``process`` (per token: step rewards normalised over the group's steps,
+  summed over the steps ending at or after the token; DeepSeekMath §4.1.3, :mod:`lit_rlhf.steps`). Under DDP the
+  batch statistics of the per-token and gdpo estimators are each rank's.
 - token masks (``weights=`` of the losses): ``top_entropy_quantile`` rho keeps the minibatch's highest-entropy
   tokens (Wang et al. 2025); ``off_policy_mask_threshold`` delta drops negative-advantage completions that drifted
-  from the sampler (DeepSeek-V3.2 Eq. 9), :mod:`lit_rlhf.losses.selection`.
+  from the sampler (DeepSeek-V3.2 Eq. 9), :mod:`lit_rlhf.losses.selection`; ``rollout_correction``
+  (:class:`RolloutCorrection`: TIS/MIS weights for the sampler-trainer mismatch, :mod:`lit_rlhf.losses.correction`).
 """
 
 from __future__ import annotations
@@ -41,17 +43,62 @@ from lit_rlhf.advantages import (
 from lit_rlhf.experience import dense_rewards
 from lit_rlhf.logprobs import masked_mean
 from lit_rlhf.losses import GRPO_LOSSES, PPO_POLICY_LOSSES, kl_in_reward, off_policy_sequence_mask, top_entropy_mask
+from lit_rlhf.losses.correction import ROLLOUT_CORRECTIONS, CorrectionLevel
 from lit_rlhf.rewards import RewardResult
+from lit_rlhf.steps import process_advantages
 from lit_rlhf.types import Rollout
 
 GRPOLoss = Literal["grpo", "dapo", "dr_grpo", "gspo", "dual_clip", "cispo", "sapo"]
-GRPOAdvantage = Literal["group", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gdpo", "online_rft"]
+GRPOAdvantage = Literal["group", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gdpo", "online_rft", "process"]
 KLPlacement = Literal["loss", "reward"]
 PPOLoss = Literal["ppo", "dual_clip"]
 PPOAdvantage = Literal["gae", "reinforce_pp"]
 TOKEN_MEAN_LOSSES = ("dapo", "cispo")
 """Losses reduced by the token mean over the batch (the others: per sequence)."""
 Metrics = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RolloutCorrection:
+    """Rollout correction (:mod:`lit_rlhf.losses.correction`): importance weights rho = exp(trainer - sampler logps)
+    on each token's policy term, for the mismatch between the sampler (``rollout_backend``) and the trainer.
+
+    Args:
+        mode: ``none``; ``tis``: truncated IS, weight clamp(rho, low, high); ``mis``: masked IS, rho inside
+            [low, high], 0 outside.
+        level: ``token`` (a ratio per token) or ``sequence`` (the product over the completion, on all its tokens).
+        low: lower bound; ``null``: 0 for tis (no floor), 0.5 for mis.
+        high: upper bound (C of TIS).
+    """
+
+    mode: Literal["none", "tis", "mis"] = "none"
+    level: CorrectionLevel = "token"
+    low: float | None = None
+    high: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.mode != "none" and self.mode not in ROLLOUT_CORRECTIONS:
+            raise ValueError(f"model.rollout_correction.mode={self.mode!r}: choose none, tis or mis")
+        if self.level not in ("token", "sequence"):
+            raise ValueError(f"model.rollout_correction.level={self.level!r}: choose token or sequence")
+        low = self.low if self.low is not None else (0.5 if self.mode == "mis" else 0.0)
+        if not 0.0 <= low <= 1.0 <= self.high:
+            raise ValueError(f"model.rollout_correction: need 0 <= low <= 1 <= high, got low={low}, high={self.high}")
+
+    def weights(self, old_logps, sample_logps, mask) -> tuple[torch.Tensor | None, Metrics]:
+        """(weights [N, R] or None when off or without sampler logps, ``rollout_correction/*`` metrics)."""
+        if self.mode == "none" or sample_logps is None:
+            return None, {}
+        bounds = {"high": self.high} if self.low is None else {"low": self.low, "high": self.high}
+        return ROLLOUT_CORRECTIONS[self.mode](old_logps, sample_logps, mask, level=self.level, **bounds)
+
+    @classmethod
+    def coerce(cls, value) -> RolloutCorrection:
+        """From itself, a mapping or a namespace (stage hparams as the CLI passes them)."""
+        if isinstance(value, cls):
+            return value
+        values = dict(value) if isinstance(value, Mapping) else vars(value)
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 
 @dataclass(frozen=True)
@@ -76,8 +123,10 @@ class ObjectiveSettings:
     rft_threshold: float = 1.0
     max_length: int = 1
     reward_weights: tuple[tuple[str, float], ...] = ()
+    rollout_correction: RolloutCorrection = RolloutCorrection()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "rollout_correction", RolloutCorrection.coerce(self.rollout_correction))
         if self.kl_placement not in ("loss", "reward"):
             raise ValueError(f"model.kl_placement={self.kl_placement!r}: choose 'loss' or 'reward'")
         if self.kl_placement == "reward" and self.kl_estimator not in ("k1", "k2", "k3"):
@@ -85,7 +134,7 @@ class ObjectiveSettings:
                 f"model.kl_estimator={self.kl_estimator} with kl_placement=reward: no gradient flows through a reward, "
                 "so k3+ and k3_iw are k3 there; choose k1, k2 or k3"
             )
-        if self.kl_placement == "reward" and self.advantage_estimator in ("gdpo", "online_rft"):
+        if self.kl_placement == "reward" and self.advantage_estimator in ("gdpo", "online_rft", "process"):
             raise ValueError(f"advantage_estimator={self.advantage_estimator} takes no KL in the reward")
         if self.top_entropy_quantile is not None and not 0.0 < self.top_entropy_quantile <= 1.0:
             raise ValueError(f"model.top_entropy_quantile={self.top_entropy_quantile}: the kept fraction, in (0, 1]")
@@ -144,9 +193,11 @@ class GRPOObjective:
         mask: torch.Tensor,
         old_logps: torch.Tensor | None,
         ref_logps: torch.Tensor | None,
+        steps: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """(advantages [N] or [N, R], metrics) of a batch from its rewards; ``old_logps``/``ref_logps`` [N, R] are
-        used only with the KL in the reward (``old_logps`` then the sampling policy's)."""
+        used only with the KL in the reward (``old_logps`` then the sampling policy's); ``steps``: ``(step_ends,
+        step_rewards)`` [N, R] of ``process`` (:meth:`lit_rlhf.steps.ProcessRewardComposer.step_tensors`)."""
         s, g, device = self.settings, self.settings.group_size, mask.device
         total, stats = scores.total.to(device), {}
         if total.numel() == 0:  # every group dropped
@@ -184,6 +235,12 @@ class GRPOObjective:
             correct = total >= s.rft_threshold  # NaN (no reward): not correct
             stats["rft/correct_frac"] = float(correct.float().mean())
             return rft_coefficients(correct).to(total.dtype), stats
+        if name == "process":
+            if steps is None:
+                raise ValueError("advantage_estimator=process needs the step rewards (model.process_rewards)")
+            ends, values = (t.to(device) for t in steps)
+            advantages, more = process_advantages(values, ends, mask, g)
+            return advantages, {**stats, **more}
         raise ValueError(f"unknown advantage_estimator {name!r}")
 
     def loss(
@@ -195,8 +252,9 @@ class GRPOObjective:
         advantages: torch.Tensor,
         minibatch: Rollout,
     ) -> tuple[torch.Tensor, Metrics]:
-        """(loss, metrics) of a minibatch: the token masks (top entropy, off-policy) as ``weights``, then the loss.
-        The off-policy mask compares with the sampler's logps (``minibatch.sample_logps``), or ``old_logps``."""
+        """(loss, metrics) of a minibatch: the token masks (top entropy, off-policy) and the rollout-correction weights
+        (``old_logps`` vs ``minibatch.sample_logps``) as ``weights``, then the loss. The off-policy mask compares with
+        the sampler's logps (``minibatch.sample_logps``), or ``old_logps``."""
         s, weights, metrics = self.settings, None, {}
         mask, sample_logps = minibatch.response_mask, minibatch.sample_logps
         if s.top_entropy_quantile is not None:
@@ -207,6 +265,9 @@ class GRPOObjective:
             sampler = old_logps if sample_logps is None else sample_logps
             keep, more = off_policy_sequence_mask(advantages, logps, sampler, mask, s.off_policy_mask_threshold)
             weights, metrics = (keep if weights is None else weights * keep), {**metrics, **more}
+        correction, more = s.rollout_correction.weights(old_logps, sample_logps, mask)  # rollout correction
+        if correction is not None:
+            weights, metrics = (correction if weights is None else weights * correction), {**metrics, **more}
         loss, loss_metrics = self.loss_fn(logps, old_logps, ref_logps, advantages, mask, weights=weights)
         return loss, {**loss_metrics, **metrics}
 

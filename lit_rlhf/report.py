@@ -43,7 +43,7 @@ class Curve:
 CURVES: tuple[Curve, ...] = (  # names of the README's "Metric schema", shared by the stages
     Curve("loss", ("train/loss", "val/loss"), "min"),
     Curve("reward", ("train/rewards/mean", "train/rewards/margins", "val/rewards/mean", "val/rewards/margins"), "max"),
-    Curve("KL", ("train/kl", "val/kl")),
+    Curve("KL", ("train/distill/reverse_kl", "train/kl", "val/kl")),  # distillation: the reverse KL to the teacher
     Curve(
         "accuracy",
         (

@@ -43,6 +43,8 @@ from lit_rlhf.logprobs import TokenLogps, response_logps, token_logps
 from lit_rlhf.models import eos_token_ids as eos_ids
 from lit_rlhf.models import merged_lora
 from lit_rlhf.types import PromptBatch, Rollout
+from lit_rlhf.vllm_engine import VLLMSettings
+from lit_rlhf.vllm_engine import sample as vllm_sample
 
 
 @dataclass
@@ -196,8 +198,8 @@ def sample(
     )
 
 
-ROLLOUT_BACKENDS: dict[str, RolloutFn] = {"kv_cache": sample}
-"""Name -> rollout backend, as selected in YAML (``rollout_backend``)."""
+ROLLOUT_BACKENDS: dict[str, RolloutFn] = {"kv_cache": sample, "vllm": vllm_sample}
+"""Name -> rollout backend, as selected in YAML (``rollout_backend``); ``vllm``: :mod:`lit_rlhf.vllm_engine`."""
 
 
 def sample_completions(
@@ -208,15 +210,17 @@ def sample_completions(
     settings: SamplingSettings,
     generator: torch.Generator | None,
     backend: str = "kv_cache",
+    engine: VLLMSettings | None = None,
 ) -> Rollout:
     """``group_size`` completions per prompt of ``batch`` (a group's rows consecutive), with their texts: the sampling
     step GRPO and PPO share. A completion ends at any EOS id of :func:`lit_rlhf.models.eos_token_ids`; LoRA is folded
     into the weights for the decode (:func:`lit_rlhf.models.merged_lora`); the noise is drawn for the global batch
     (:class:`lit_rlhf.distributed.GlobalBatchNoise`; without a generator: none, e.g. greedy decoding) and
-    FSDP2-sharded ranks decode in lockstep."""
+    FSDP2-sharded ranks decode in lockstep. ``engine``: the vLLM engine's settings (``backend="vllm"``)."""
     num_prompts, eos_token_ids = batch.input_ids.shape[0], eos_ids(tokenizer, lm)
     index = group_index(num_prompts, group_size, batch.input_ids.device)
     noise = GlobalBatchNoise(generator, num_prompts, group_size) if generator is not None else None
+    options = {"engine": engine} if backend == "vllm" else {}
     with merged_lora(lm) as policy:  # a faster decode step: one matmul per adapted layer
         rollout = ROLLOUT_BACKENDS[backend](
             policy,
@@ -229,6 +233,7 @@ def sample_completions(
             generator,
             all_done=lockstep_done(policy),
             noise=noise,
+            **options,
         )
     rollout.prompts, rollout.completions = list(batch.prompts), decode(tokenizer, rollout)
     return rollout

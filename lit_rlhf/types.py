@@ -174,3 +174,17 @@ class ScoredBatch(PromptResponseBatch):
     scores: torch.Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepBatch(PromptResponseBatch):
+    """N (prompt, response) rows whose response is a solution of up to K labelled steps (process reward model;
+    ``prompt_index`` = arange(N)). ``step_positions`` [N, K] long: the index in ``response_ids`` of each step's last
+    token; ``step_labels`` [N, K] float, 1 = the step is correct; ``step_mask`` [N, K] bool marks real steps (a
+    prefix of each row)."""
+
+    step_positions: torch.Tensor | None = None
+    step_labels: torch.Tensor | None = None
+    step_mask: torch.Tensor | None = None
+    prompts: list[str] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)

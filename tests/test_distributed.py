@@ -9,8 +9,9 @@ GRPO and PPO sample their completions with noise drawn for the global batch (lit
 so rank r samples exactly what one process samples for the same prompts; under FSDP2 the ranks' decode loops run
 in lockstep (every forward is collective) and SFT's greedy validation decodes with ``synced_gpus``.
 
-GRPO and PPO run with the export on: rank zero writes it (under FSDP2 after gathering the full weights), and the
-reloaded export gives the logits of the policy in the run's last checkpoint, and those of the single-process export.
+GRPO, distillation and PPO run with the export on: rank zero writes it (under FSDP2 after gathering the full
+weights), and the reloaded export gives the logits of the policy in the run's last checkpoint, and those of the
+single-process export.
 
 Tolerance: 1e-4 absolute plus 1e-4 relative. What differs is the order of float32 reductions (the all-reduce sums
 two half-batch gradients; FSDP2 gathers and reduce-scatters flat shards), ~1e-7 relative per step, growing over 2-4
@@ -98,6 +99,25 @@ CASES = {
         (("--data.batch_size", 4),),
         (0, 1),
         ("train/loss", "train/kl", "train/rewards/mean", "train/completions/mean_length", "train/entropy"),
+    ),
+    # on-policy distillation: GRPO's loop with a frozen teacher (sharded like the reference under FSDP2). One step: the
+    # tiny student is near-uniform over 49k tokens, so after an update a ~1e-7 weight difference can flip a sampled
+    # token; the step's samples, teacher logps, loss and all-reduced gradient norm, and the exported weights, must match
+    "distill": Case(
+        (
+            "--config",
+            "experiments/distill/tiny.yaml",
+            "--trainer.max_steps=1",
+            "--trainer.val_check_interval=8",
+            "--model.minibatch_size=4",
+            "--model.table_every_n_steps=0",
+            "--data.num_val=4",
+            "--data.val_batch_size=2",
+            *EXPORT,
+        ),
+        (("--data.batch_size", 4),),
+        (0,),
+        ("train/loss", "train/distill/reverse_kl", "train/distill/teacher_logps", "train/grad_norm"),
     ),
     # a rank's PPO minibatch is its whole batch (smaller ones are shuffled per rank: see lit_rlhf/stages/ppo.py)
     "ppo": Case(

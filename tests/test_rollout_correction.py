@@ -197,3 +197,29 @@ def test_off_policy_sequence_mask_matches_trl_and_per_token_advantages():
         per_token, _ = off_policy_sequence_mask(adv[:, None].expand_as(mask), logps, sample, mask, delta)
         torch.testing.assert_close(per_token, keep)
     assert not keep.requires_grad
+
+
+def test_the_grpo_objective_applies_rollout_correction_weights():
+    """``rollout_correction`` multiplies each token's policy term by the pure function's weights (old = logps, so
+    ratio 1 and the GRPO term is A w_t: -1/N sum_i mean_t A_i w_it); none, or no sampler logps, leaves the loss."""
+    from lit_rlhf.objectives import GRPOObjective, ObjectiveSettings, RolloutCorrection
+    from lit_rlhf.types import Rollout
+
+    mask = MASK.long()
+    rollout = Rollout(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long), torch.ones(2, 3).long(),
+                      mask, torch.tensor([0, 1]), torch.zeros(2, dtype=torch.bool), SAMPLE)  # fmt: skip
+    adv = _t([1.0, -2.0])
+    tis = ObjectiveSettings(group_size=2, rollout_correction={"mode": "tis", "high": 2.0})  # a mapping, as from YAML
+    assert tis.rollout_correction == RolloutCorrection("tis", "token", None, 2.0)
+    loss, metrics = GRPOObjective(tis).loss(OLD, None, OLD, None, adv, rollout)
+    w = _t([[0.4, 1.0, 2.0], [1.5, 2.0, 0.0]])  # test_tis_token_level
+    expected = -((1.0 * w[0].sum() / 3) + (-2.0 * w[1].sum() / 2)) / 2
+    assert loss.item() == pytest.approx(expected.item())
+    assert _metric(metrics, "weight_max") == pytest.approx(2.0)
+    plain, _ = GRPOObjective(ObjectiveSettings(group_size=2)).loss(OLD, None, OLD, None, adv, rollout)
+    assert plain.item() == pytest.approx(-((1.0 * 3 / 3) + (-2.0 * 2 / 2)) / 2)
+    rollout.sample_logps = None
+    unweighted, none = GRPOObjective(tis).loss(OLD, None, OLD, None, adv, rollout)
+    assert unweighted.item() == pytest.approx(plain.item()) and "rollout_correction/weight_max" not in none
+    with pytest.raises(ValueError, match="low <= 1 <= high"):
+        RolloutCorrection("mis", high=0.5)

@@ -1,4 +1,4 @@
-"""``python -m lit_rlhf.bench <stage> --workload NAME [--threads N] [--precision P]``.
+"""``python -m lit_rlhf.bench <stage> --workload NAME [--threads N] [--precision P] [--rollout_backend B]``.
 
 Prints one JSON line of throughput and memory."""
 
@@ -22,11 +22,13 @@ def main(argv=None) -> None:
         choices=("32-true", "bf16-mixed"),
         help="Lightning precision; the TRL baseline runs true fp32, so only 32-true compares like for like",
     )
+    ap.add_argument("--rollout_backend", default="kv_cache", choices=("kv_cache", "vllm"), help="grpo: the sampler")
     args = ap.parse_args(argv)
     bench = importlib.import_module(f"lit_rlhf.bench.{args.stage}")
     if args.workload not in bench.WORKLOADS:
         ap.error(f"unknown workload {args.workload!r} for {args.stage}; choose from {sorted(bench.WORKLOADS)}")
-    print(json.dumps(bench.run(args.workload, args.threads, args.precision)), flush=True)
+    extra = {"rollout_backend": args.rollout_backend} if args.stage == "grpo" else {}
+    print(json.dumps(bench.run(args.workload, args.threads, args.precision, **extra)), flush=True)
 
 
 if __name__ == "__main__":

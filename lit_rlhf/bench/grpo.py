@@ -71,7 +71,7 @@ class PhaseTimes(L.Callback):
         self.rows.append({k.split("/", 1)[1]: float(m[k]) for k in keys if k in m})
 
 
-def run(workload: str, threads: int, precision: str = "32-true") -> dict:
+def run(workload: str, threads: int, precision: str = "32-true", rollout_backend: str = "kv_cache") -> dict:
     from lit_rlhf import models
     from lit_rlhf.data.prompts import PromptDataModule
     from lit_rlhf.data.tasks import arithmetic_prompts
@@ -79,6 +79,7 @@ def run(workload: str, threads: int, precision: str = "32-true") -> dict:
     from lit_rlhf.rewards import RewardSpec
     from lit_rlhf.rollout import SamplingSettings
     from lit_rlhf.stages.grpo import GRPOModule
+    from lit_rlhf.vllm_engine import VLLMSettings
 
     w = GRPO_WORKLOADS[workload]
     load_start = os.getloadavg()[0]
@@ -101,6 +102,8 @@ def run(workload: str, threads: int, precision: str = "32-true") -> dict:
         optimizer=OptimizerSettings(lr=1e-5),
         table_every_n_steps=0,
         peak_flops=PEAK_FLOPS[precision],
+        rollout_backend=rollout_backend,  # vllm: an engine in the precision's weight dtype, 256 MiB KV cache
+        vllm=VLLMSettings(dtype="bfloat16" if precision.startswith("bf16") else "float32", max_model_len=512),
     )
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "prompts.jsonl")
@@ -137,6 +140,7 @@ def run(workload: str, threads: int, precision: str = "32-true") -> dict:
         "mean_completion_len": round(statistics.mean(r["completions/mean_length"] for r in phases.rows), 2),
         "reward_mean": round(statistics.mean(r["rewards/mean"] for r in phases.rows), 4),
         "precision": precision,
+        "rollout_backend": rollout_backend,
         "mfu_median": round(statistics.median(r["mfu"] for r in rest if "mfu" in r), 3)
         if any("mfu" in r for r in rest)
         else None,

@@ -13,6 +13,9 @@
   a right (score 1) or wrong (score -1) answer per question.
 - ``ranked``: ``{prompt, responses: [best, ..., worst]}`` (K >= 2, K may vary) -> :class:`~lit_rlhf.types.RankedBatch`
   (K-wise ranking loss). Built-in: the right answer, then answers further and further off.
+- ``steps``: ``{prompt, steps: [...], labels: [...]}`` (PRM800K's shape: a 0/1 label per step) ->
+  :class:`~lit_rlhf.types.StepBatch` (process reward model, per-step binary cross-entropy; read and tokenised by
+  :mod:`lit_rlhf.data.step_labels`). Built-in: worked answers with one step corrupted in half of them.
 
 Prompts and responses are strings or chat-message lists, a score a finite number: anything else (a null, a dict, a
 NaN score, a number where text belongs unless ``numbers_as_text``) is an error naming the record and the field.
@@ -38,8 +41,9 @@ from lit_rlhf.data.collate import pad_left, pad_right
 from lit_rlhf.data.loaders import batches_done_in_epoch, sharded_loader
 from lit_rlhf.data.preference import PreferenceDataModule, PreferenceFields
 from lit_rlhf.data.sources import DataError, as_text, get_field, get_text, where
+from lit_rlhf.data.step_labels import arithmetic_step_labels, collate_steps, step_example
 from lit_rlhf.data.tasks import arithmetic_preferences, arithmetic_ranked, arithmetic_scored, worked_preferences
-from lit_rlhf.types import RankedBatch, ScoredBatch
+from lit_rlhf.types import RankedBatch, ScoredBatch, StepBatch
 
 
 @dataclass
@@ -52,6 +56,8 @@ class RewardFields:
     response: str = "response"
     score: str = "score"
     responses: str = "responses"
+    steps: str = "steps"
+    labels: str = "labels"
 
 
 @dataclass
@@ -73,6 +79,7 @@ TASKS = {
     },
     "scored": {"arithmetic": arithmetic_scored},
     "ranked": {"arithmetic": arithmetic_ranked},
+    "steps": {"arithmetic": arithmetic_step_labels},
 }
 """Built-in tasks (``--data.task``) of each ``format`` -> record generator (:mod:`lit_rlhf.data.tasks`)."""
 
@@ -80,7 +87,7 @@ TASKS = {
 class RewardDataModule(DataModule):
     def __init__(
         self,
-        format: Literal["pairs", "scored", "ranked"] = "pairs",
+        format: Literal["pairs", "scored", "ranked", "steps"] = "pairs",
         path: str | None = None,
         subset: str | None = None,
         split: str = "train",
@@ -98,12 +105,13 @@ class RewardDataModule(DataModule):
         val_batch_size: int = 64,
         max_records: int | None = None,
         numbers_as_text: bool = False,
+        step_separator: str = " ",
     ) -> None:
         """The tokenizer is the reward model's, given by :meth:`connect` (:mod:`lit_rlhf.data.base`).
 
         Args:
-            format: record kind: ``pairs`` (chosen/rejected), ``scored`` (response + score) or ``ranked`` (responses
-                best -> worst).
+            format: record kind: ``pairs`` (chosen/rejected), ``scored`` (response + score), ``ranked`` (responses
+                best -> worst) or ``steps`` (a solution's steps with a 0/1 label each: a process reward model).
             path: local .json/.jsonl/.csv/.parquet file or hub dataset name; ``null`` uses the built-in ``task``.
             subset: hub dataset configuration; ``null`` for datasets with one.
             split: split read from a hub dataset.
@@ -112,9 +120,10 @@ class RewardDataModule(DataModule):
             fields: column names.
             task: built-in task used when ``path`` is null (``null``: ``arithmetic_worked_final`` for pairs,
                 ``arithmetic`` for the other formats): ``arithmetic`` (answers "The answer is X.", the DPO task; every
-                format), ``arithmetic_worked`` (pairs of worked digit-by-digit answers; the wrong one has a false
-                one-digit step) or ``arithmetic_worked_final`` (the wrong one states the wrong result after correct
-                steps); the worked tasks use the same questions and wrong results as ``arithmetic``.
+                format; ``steps``: worked answers with one step corrupted in half of them), ``arithmetic_worked``
+                (pairs of worked digit-by-digit answers; the wrong one has a false one-digit step) or
+                ``arithmetic_worked_final`` (the wrong one states the wrong result after correct steps); the worked
+                tasks use the same questions and wrong results as ``arithmetic``.
             num_train: built-in task: training records.
             num_val: built-in task: validation records (questions disjoint from training).
             seed: data seed (built-in generation, hold-out split, shuffling).
@@ -127,6 +136,8 @@ class RewardDataModule(DataModule):
             max_records: read at most this many records from ``path`` (quick experiments).
             numbers_as_text: accept numbers in text fields (e.g. a CSV column of digits) as their ``str``; off, a
                 number where text belongs is an error naming the record and the field.
+            step_separator: ``steps`` records: the text between steps in the completion the model reads (" ": the
+                worked arithmetic format's sentences; "\\n" for PRM800K-style lines).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -157,18 +168,26 @@ class RewardDataModule(DataModule):
     def _load(self) -> None:
         hp = self.hparams
         train_records, val_records = self.records(TASKS[hp.format], self.task)
-        self.stats = {"truncated": 0}
+        self.stats = {"truncated": 0, "skipped_truncated": 0}
         self.train_examples, self.val_examples = self.make_examples(self.example, train_records, val_records)
         if not self.train_examples:
             raise DataError(f"{hp.path or 'built-in task ' + repr(self.task)}: no reward-model records")
-        if self.stats["truncated"]:
-            print(f"[lit_rlhf] reward data: truncated {self.stats['truncated']} records")
+        if self.stats["truncated"] or self.stats["skipped_truncated"]:
+            print(f"[lit_rlhf] reward data: truncated {self.stats['truncated']} records; skipped {self.stats}")
 
     def example(self, record: dict) -> ResponsesExample:
-        """Tokenise a scored or ranked record (or a built-in pair, as a ranked list of two)."""
+        """Tokenise a scored, ranked or step-labelled record (or a built-in pair, as a ranked list of two)."""
         f, tok, hp = self.fields, self.tokenizer, self.hparams
         prompt_field = f.prompt if (f.prompt in record or f.prompt != "prompt") else "question"
         prompt = get_text(record, prompt_field, "fields.prompt", hp.numbers_as_text)
+        if hp.format == "steps":  # a step whose last token is cut away is dropped; None: no step left
+            budget = (hp.max_length, self.max_prompt_length)
+            args = ((f.steps, f.labels), hp.step_separator, hp.chat_template, budget, hp.numbers_as_text)
+            example = step_example(tok, record, prompt, *args)
+            self.stats["truncated" if example is not None else "skipped_truncated"] += int(
+                example is None or example.truncated
+            )
+            return example
         if hp.format == "pairs":  # built-in pairs that PreferenceDataModule does not generate: a ranked list of 2
             responses = [
                 get_text(record, f.chosen, "fields.chosen", hp.numbers_as_text),
@@ -202,10 +221,12 @@ class RewardDataModule(DataModule):
         return ResponsesExample(prompt_ids, response_ids, prompt_text, texts, score)
 
     # -- batches ----------------------------------------------------------------------------------------------------
-    def collate(self, examples: list) -> RankedBatch | ScoredBatch:
+    def collate(self, examples: list) -> RankedBatch | ScoredBatch | StepBatch:
         if self.pairs is not None:
             return self.pairs.collate(examples)
         pad = self.tokenizer.pad_token_id
+        if self.hparams.format == "steps":
+            return collate_steps(examples, pad)
         prompt_ids = pad_left([e.prompt_ids for e in examples], pad)
         prompt_mask = pad_left([[1] * len(e.prompt_ids) for e in examples], 0)
         prompts = [e.prompt for e in examples]

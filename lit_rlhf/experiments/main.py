@@ -18,10 +18,12 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("lit_rlhf.experiments.sft:main", "supervised fine-tuning (masked NLL; LoRA or full; packing)"),
+    "rft": ("lit_rlhf.experiments.rft:main", "rejection-sampling fine-tuning: sample, keep the correct, SFT on them"),
     "rm": ("lit_rlhf.experiments.rm:main", "reward model (Bradley-Terry, K-wise, pointwise; decoder or encoder)"),
     "dpo": ("lit_rlhf.experiments.dpo:main", "direct preference optimization (DPO, IPO, hinge, robust DPO, cDPO)"),
     "ppo": ("lit_rlhf.experiments.ppo:main", "PPO with a critic (GAE, clipped losses, adaptive KL)"),
     "grpo": ("lit_rlhf.experiments.grpo:main", "GRPO (DAPO, Dr. GRPO, GSPO losses; group / RLOO advantages)"),
+    "distill": ("lit_rlhf.experiments.distill:main", "on-policy distillation (teacher's per-token reverse KL)"),
     "pipeline": ("lit_rlhf.experiments.pipeline:main", "chain stages, each trained on the previous one's export"),
     "sweep": ("lit_rlhf.experiments.sweep:main", "grids of runs: plan (checks every cell), run-local, submit, collect"),
     "report": ("lit_rlhf.experiments.report:main", "PNG curves and a markdown summary of runs or a sweep"),

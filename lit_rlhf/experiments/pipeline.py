@@ -8,7 +8,7 @@ A pipeline spec (``experiments/pipeline/<name>.yaml``) describes the chain in on
     tags: []                           # W&B tags besides [<name>, <stage>]
     steps:
       - name: sft                      # the step's directory name (unique)
-        stage: sft                     # runs python -m lit_rlhf.experiments.<stage> (sft, rm, dpo, ppo, grpo)
+        stage: sft                     # python -m lit_rlhf.experiments.<stage> (sft, rft, rm, dpo, ppo, grpo, distill)
         config: experiments/sft/tiny.yaml
         overrides: {trainer.max_steps: 4}
       - name: rm
@@ -51,7 +51,7 @@ import yaml
 
 from lit_rlhf.sweep import format_value, resume_args
 
-STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
+STAGES = ("sft", "rft", "rm", "dpo", "ppo", "grpo", "distill")
 EXPORT = "export/merged"
 RESERVED = ("config", "output_dir", "ckpt_path", "print_config")
 

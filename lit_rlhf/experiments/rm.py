@@ -17,6 +17,7 @@ a false one-digit step instead. See :mod:`lit_rlhf.stages.reward_model` for the 
     python -m lit_rlhf.experiments.rm --config experiments/rm/tiny.yaml --output_dir runs/rm-tiny
     python -m lit_rlhf.experiments.rm --config experiments/rm/minilm.yaml      # BERT-style encoder backbone
     python -m lit_rlhf.experiments.rm --data.format=ranked                      # K-wise ranked lists
+    python -m lit_rlhf.experiments.rm --config experiments/rm/prm-smollm2.yaml  # process reward model (steps)
     python -m lit_rlhf.experiments.rm --data.path=prefs.jsonl --data.fields.prompt=question
     python -m lit_rlhf.experiments.rm --print_config > my.yaml                  # complete, re-runnable config
     sbatch slurm/train.sbatch rm --config experiments/rm/qwen2.5-0.5b.yaml

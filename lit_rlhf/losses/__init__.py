@@ -6,7 +6,7 @@
 - :mod:`.ppo`        — PPO clipped and dual-clip policy losses (``PPO_POLICY_LOSSES``), clipped value loss
 - :mod:`.correction` — rollout correction: truncated / masked importance weights (``ROLLOUT_CORRECTIONS``)
 - :mod:`.selection`  — token selection: top-entropy mask, off-policy sequence mask
-- :mod:`.reward`     — reward-model losses (Bradley–Terry, pointwise, K-wise ranking, centering)
+- :mod:`.reward`     — reward-model losses (Bradley–Terry, pointwise, K-wise ranking, centering, PRM steps)
 """
 
 from lit_rlhf.losses.correction import (
@@ -33,6 +33,7 @@ from lit_rlhf.losses.reward import (
     pointwise_regression_loss,
     ranking_loss,
     reward_centering_penalty,
+    step_bce_loss,
 )
 from lit_rlhf.losses.selection import off_policy_sequence_mask, top_entropy_mask
 
@@ -66,6 +67,7 @@ __all__ = [
     "reward_centering_penalty",
     "robust_dpo_loss",
     "sapo_loss",
+    "step_bce_loss",
     "top_entropy_mask",
     "truncated_is_weights",
 ]

@@ -7,6 +7,9 @@
                                                                            (InstructGPT Eq. 1 over all K choose 2)
 - ``reward_centering_penalty``:  c * mean(r^2)                             reward centering (Eisenstein et al.
                                                                            2023, "Helping or Herding?", §3)
+- ``step_bce_loss``:              mean over labelled steps of               process reward model: per-step
+                                  -[y log s(r) + (1 - y) log(1 - s(r))]     correctness (Lightman et al. 2023,
+                                                                           "Let's Verify Step by Step", §2.6)
 """
 
 from __future__ import annotations
@@ -56,3 +59,14 @@ def ranking_loss(rewards: torch.Tensor, mask: torch.Tensor | None = None) -> tor
 def reward_centering_penalty(rewards: torch.Tensor, coefficient: float) -> torch.Tensor:
     """Scalar ``coefficient * mean(rewards^2)``: pulls the reward model's outputs towards zero mean."""
     return coefficient * (rewards**2).mean()
+
+
+def step_bce_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scalar binary cross-entropy of step logits [B, K] against 0/1 labels [B, K], averaged over the ``mask``-ed
+    (real) steps of the whole batch: every labelled step weighs the same, whatever the length of its solution (a
+    PRM is a per-step classifier; a per-sequence mean would up-weight the steps of short solutions). 0 when no step
+    is marked. Padding entries may hold anything: they are kept out of forward and backward."""
+    mask = mask.bool()
+    logits, labels = logits.masked_fill(~mask, 0.0), labels.to(logits.dtype).masked_fill(~mask, 0.0)
+    losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    return (losses * mask).sum() / mask.sum().clamp(min=1)

@@ -6,34 +6,27 @@ completion gets the group-relative advantage A_i = (r_i - mean(r)) / (std(r) + e
 
     -1/G sum_i 1/|o_i| sum_t [ min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) - beta KL_k3(pi || pi_ref) ]
 
-Variants are picked by name (:mod:`lit_rlhf.objectives`): ``loss`` = grpo | dapo | dr_grpo | gspo | dual_clip |
-cispo | sapo (:mod:`lit_rlhf.losses.policy`), ``advantage_estimator``, ``kl_estimator``, ``kl_placement``, token masks
-(top entropy, off-policy). ``beta = 0`` loads no reference. The reference is the policy with its LoRA adapter
-disabled, or a frozen copy.
-A completion no reward function scored (all None/NaN) is left out of its group's statistics and gets advantage 0.
-Settings that cannot learn (``num_generations`` < 2, ...) are refused at construction
-(:func:`lit_rlhf.advantages.check_grpo_settings`).
+Variants are picked by name (:mod:`lit_rlhf.objectives`): ``loss`` = grpo | dapo | dr_grpo | gspo | dual_clip | cispo |
+sapo (:mod:`lit_rlhf.losses.policy`), ``advantage_estimator``, ``kl_estimator``, ``kl_placement``, token masks (top
+entropy, off-policy). ``beta = 0`` loads no reference; the reference is the policy with its LoRA adapter disabled, or a
+frozen copy. A completion no reward function scored (all None/NaN) is left out of its group's statistics and gets
+advantage 0. Settings that cannot learn are refused at construction (:func:`lit_rlhf.advantages.check_grpo_settings`).
 
 ``training_step`` is the whole algorithm, top to bottom: (1) sample G completions per prompt
-(:func:`lit_rlhf.rollout.sample_completions`), (2) score, (3) groups whose rewards are all equal are counted, then
-kept, dropped, or replaced (DAPO dynamic sampling, Yu et al. 2025 §3.2: fresh prompts until the batch holds
-``batch_size`` groups with signal, at most ``max_resample_rounds`` extra rounds), (4) old logps (mu =
-``num_iterations`` > 1 or KL in the reward; with mu = 1 the ratio is exactly 1), reference logps, then advantages,
-(5) mu passes over the batch in minibatches with gradient accumulation, clipping and one optimizer step per pass, (6)
-log.
+(:func:`lit_rlhf.rollout.sample_completions`), (2) score, (3) groups whose rewards are all equal are counted, then kept,
+dropped, or replaced (DAPO dynamic sampling, Yu et al. 2025 §3.2: fresh prompts until the batch holds ``batch_size``
+groups with signal, at most ``max_resample_rounds`` extra rounds), (4) old logps (mu = ``num_iterations`` > 1 or KL in
+the reward; with mu = 1 the ratio is exactly 1), reference logps, then advantages, (5) mu passes over the batch in
+minibatches with gradient accumulation, clipping and one optimizer step per pass, (6) log.
 
-One training step is one rollout batch: ``trainer.max_steps``, ``trainer.global_step``, the progress bar and the W&B
-step count rollout batches whatever mu (:func:`lit_rlhf.optim.clip_and_step` counts the first of the mu optimizer
-steps); the learning-rate schedule steps once per optimizer step, over ``max_steps`` x mu steps.
-
-Each minibatch loss is weighted by its share of the global normaliser (sequences, or tokens for dapo;
-:func:`lit_rlhf.distributed.global_normalizer`), so any minibatch size and number of ranks give the full-batch
-gradient. A group never spans ranks and the sampling noise is drawn for the global batch, so 1 or W processes sample
-the same completions. FSDP2 (``--trainer.strategy=fsdp2``) shards the policy and the frozen reference; the ranks
-decode in lockstep, which needs ``zero_variance_groups=keep`` (equal forwards on every rank).
-
-Validation decodes the held-out prompts greedily and reports ``val/accuracy`` (the answer verifier,
-:func:`lit_rlhf.rewards.is_correct`) and rewards.
+One training step is one rollout batch (``max_steps``, ``global_step``, progress bar, W&B step;
+:func:`lit_rlhf.optim.clip_and_step` counts the first of the mu optimizer steps); the learning-rate schedule steps once
+per optimizer step, over ``max_steps`` x mu steps. Each minibatch loss is weighted by its share of the global normaliser
+(sequences, or tokens for dapo; :func:`lit_rlhf.distributed.global_normalizer`), so any minibatch size and number of
+ranks give the full-batch gradient. A group never spans ranks and the sampling noise is drawn for the global batch, so 1
+or W processes sample the same completions. FSDP2 (``--trainer.strategy=fsdp2``) shards the policy and the frozen
+reference; the ranks decode in lockstep, which needs ``zero_variance_groups=keep``. Validation decodes the held-out
+prompts greedily: ``val/accuracy`` (:func:`lit_rlhf.rewards.is_correct`), rewards.
 
     python -m lit_rlhf.experiments.grpo                                   # SmolLM2-135M + LoRA, arithmetic, CPU
     python -m lit_rlhf.experiments.grpo --config experiments/grpo/tiny.yaml --output_dir runs/grpo-tiny
@@ -49,15 +42,16 @@ from typing import Literal
 import lightning as L
 import torch
 
-from lit_rlhf import models, objectives
+from lit_rlhf import losses, models, objectives, vllm_engine
 from lit_rlhf.advantages import check_grpo_settings, zero_variance_groups
 from lit_rlhf.checkpointing import capture_rng, restore_rng
 from lit_rlhf.distributed import fully_shard_lm, global_normalizer, row_chunks
 from lit_rlhf.logprobs import TokenLogps, masked_mean
 from lit_rlhf.metrics import PhaseMeans, Throughput, log_table, model_flop_counts, rollout_step_flops
 from lit_rlhf.optim import OptimizerSettings, build_optimizer, clip_and_step, trainable_state_dict
-from lit_rlhf.rewards import DEFAULT_REWARDS, RewardComposer, RewardResult, RewardSpec, validation_means
+from lit_rlhf.rewards import RewardResult, RewardSpec, validation_means
 from lit_rlhf.rollout import SamplingSettings, completion_stats, concat_rollouts, rollout_logps, sample_completions
+from lit_rlhf.steps import grpo_rewards, step_tensors
 from lit_rlhf.types import PromptBatch, Rollout
 
 
@@ -68,6 +62,8 @@ class GRPOModule(L.LightningModule):
         self,
         policy: models.ModelSpec = models.ModelSpec(),
         rewards: list[RewardSpec] | None = None,
+        process_rewards: list[RewardSpec] | None = None,
+        step_splitter: str = "auto",
         num_generations: int = 8,
         sampling: SamplingSettings = SamplingSettings(max_new_tokens=48, temperature=1.0),
         loss: objectives.GRPOLoss = "grpo",
@@ -83,13 +79,15 @@ class GRPOModule(L.LightningModule):
         tau_neg: float = 1.05,
         top_entropy_quantile: float | None = None,
         off_policy_mask_threshold: float | None = None,
+        rollout_correction: objectives.RolloutCorrection = objectives.RolloutCorrection(),
         rft_threshold: float = 1.0,
         num_iterations: int = 1,
         minibatch_size: int | None = None,
         zero_variance_groups: Literal["keep", "drop", "resample"] = "keep",
         max_resample_rounds: int = 3,
         max_grad_norm: float | None = 1.0,
-        rollout_backend: Literal["kv_cache"] = "kv_cache",
+        rollout_backend: Literal["kv_cache", "vllm"] = "kv_cache",
+        vllm: vllm_engine.VLLMSettings = vllm_engine.VLLMSettings(),
         optimizer: OptimizerSettings = OptimizerSettings(lr=2e-4),
         peak_flops: float = 200e9,
         table_rows: int = 4,
@@ -98,13 +96,13 @@ class GRPOModule(L.LightningModule):
         """
         Args:
             policy: the model to train (name, dtype, LoRA); the reference is derived from it.
-            rewards: reward functions (registry name or import path), weights and bound arguments, summed;
-                ``null``: :data:`lit_rlhf.rewards.DEFAULT_REWARDS` (numeric_correctness 1.0 + numeric_closeness 0.5).
+            rewards: reward functions, weights and bound arguments, summed; ``null``: :data:`.rewards.DEFAULT_REWARDS`.
+            process_rewards: ``process``: step rewards (:data:`.steps.STEP_REWARDS`); ``null``: arithmetic_steps.
+            step_splitter: ``process``: auto, worked, newline, none, or a separator regex (:func:`.steps.split_steps`).
             num_generations: G, completions sampled per prompt (the group).
-            sampling: temperature, top-p, top-k and token budget of the training rollouts (validation is greedy with
-                the same budget). The loss takes logps at this temperature.
+            sampling: temperature, top-p, top-k, token budget of the rollouts (validation: greedy); logps at it.
             loss: GRPO-family loss: ``grpo``, ``dapo``, ``dr_grpo``, ``gspo``, ``dual_clip``, ``cispo``, ``sapo``.
-            advantage_estimator: group, rloo, reinforce_pp, reinforce_pp_baseline, gdpo or online_rft (objectives).
+            advantage_estimator: group, rloo, reinforce_pp, reinforce_pp_baseline, gdpo, online_rft or process.
             scale_rewards: divide centred rewards by the ``group`` std, the ``batch`` std, or not at all (``none``).
             beta: KL coefficient; 0 loads no reference and computes no reference logps.
             kl_estimator: per-token KL estimator ``k1``, ``k2``, ``k3``, ``k3+`` or ``k3_iw`` (:mod:`.losses.kl`).
@@ -116,14 +114,15 @@ class GRPOModule(L.LightningModule):
             tau_neg: ``sapo``: gate temperature of the negative-advantage tokens.
             top_entropy_quantile: train only on this fraction of highest-entropy tokens; ``null``: all tokens.
             off_policy_mask_threshold: drop A < 0 completions whose KL to the sampler exceeds it; ``null``: off.
+            rollout_correction: TIS/MIS weights for the sampler-trainer mismatch (mode none|tis|mis, level, low, high).
             rft_threshold: ``online_rft``: a completion with a total reward >= it is correct.
             num_iterations: mu, optimisation passes over each sampled batch (one optimizer step each).
             minibatch_size: completions per forward/backward (gradient accumulation); ``null``: the whole batch.
-            zero_variance_groups: groups whose rewards are all equal: ``keep`` (zero advantage; KL still applies),
-                ``drop`` them from the loss, or ``resample`` (DAPO dynamic sampling) until the batch is full.
+            zero_variance_groups: all-equal reward groups: ``keep`` (advantage 0), ``drop``, ``resample`` (DAPO).
             max_resample_rounds: extra sampling rounds per step with ``resample``; the batch may stay short.
             max_grad_norm: clip the gradient norm of each optimizer step (``null``: no clipping).
-            rollout_backend: sampler (``kv_cache``: the built-in batched KV-cached sampler).
+            rollout_backend: sampler: ``kv_cache`` (built-in, batched, KV-cached) or ``vllm`` (:mod:`.vllm_engine`).
+            vllm: the vLLM engine's settings (``rollout_backend: vllm``).
             optimizer: AdamW settings and learning-rate schedule (one scheduler step per optimizer step).
             peak_flops: peak FLOP/s of one device, for MFU (CPU here: ~200e9 fp32; H100: ~989e12 bf16).
             table_rows: completions added to the growing ``train/samples`` table at each table step.
@@ -138,14 +137,13 @@ class GRPOModule(L.LightningModule):
         check_grpo_settings(num_generations, advantage_estimator, scale_rewards, num_iterations, beta)
         self.spec, self.sampling, self.optim_settings = policy, sampling, optimizer
         self.tokenizer = models.load_tokenizer(policy.name, policy.revision)
-        self.rewards = RewardComposer(DEFAULT_REWARDS if rewards is None else rewards)
+        self.rewards = grpo_rewards(rewards, process_rewards, step_splitter, advantage_estimator, sampling)
         self.rewards.check_weights("model.rewards")  # all 0: every advantage 0
         weights = tuple((s.name, s.weight) for s in self.rewards.specs)  # gdpo
         settings = dict(group_size=num_generations, max_length=sampling.max_new_tokens, reward_weights=weights)
         self.objective = objectives.GRPOObjective(objectives.ObjectiveSettings.from_options(self.hparams, **settings))
         self.policy, self.frozen_reference = None, None  # built in configure_model
-        self.val_means = PhaseMeans()
-        self.throughput = Throughput(peak_flops)
+        self.val_means, self.throughput = PhaseMeans(), Throughput(peak_flops)
         self._train_rows, self._val_rows = [], []  # W&B sample-table rows
         self._generator, self._sampling_state, self._refill = None, None, None  # on_fit_start, on_load_checkpoint
 
@@ -182,7 +180,7 @@ class GRPOModule(L.LightningModule):
         if hp.beta > 0 and len(rollout):
             with models.reference_policy(self.policy, self.frozen_reference) as ref:
                 ref_logps = self.frozen_logps(ref, rollout)
-        advantages, adv_stats = self.objective.advantages(scores, rollout.response_mask, old_logps, ref_logps)
+        advantages, adv_stats = self.advantages(rollout, scores, old_logps, ref_logps)
         scored = time.perf_counter()
         # 5. mu iterations x minibatches: accumulate gradients, clip, one optimizer step per iteration (one global step)
         update = self.update(rollout, advantages, old_logps, ref_logps)
@@ -194,8 +192,8 @@ class GRPOModule(L.LightningModule):
 
     def sample(self, batch: PromptBatch, group_size: int, settings: SamplingSettings | None = None) -> Rollout:
         """``group_size`` completions per prompt (rows of a group consecutive), decoded."""
-        settings, backend = settings or self.sampling, self.hparams.rollout_backend
-        return sample_completions(self.policy, self.tokenizer, batch, group_size, settings, self._generator, backend)
+        settings, backend = settings or self.sampling, (self.hparams.rollout_backend, self.hparams.vllm)
+        return sample_completions(self.policy, self.tokenizer, batch, group_size, settings, self._generator, *backend)
 
     def score(self, rollout: Rollout, extras: dict[str, list]) -> RewardResult:
         """Rewards [N] of the completions; dataset columns are repeated for each completion of a prompt."""
@@ -237,13 +235,16 @@ class GRPOModule(L.LightningModule):
         return torch.cat([self.logps(lm, rollout.select(rows)).logps for rows in chunks if len(rows)])
 
     def logps(self, lm: torch.nn.Module, rollout: Rollout, with_entropy: bool = False) -> TokenLogps:
-        """Token logps [n, R] of the completions at the sampling temperature (without the KV cache when
-        checkpointing gradients)."""
+        """Token logps [n, R] at the sampling temperature (without the KV cache when checkpointing gradients)."""
         return rollout_logps(lm, rollout, self.sampling.temperature, with_entropy, self.spec.gradient_checkpointing)
 
+    def advantages(self, rollout: Rollout, scores: RewardResult, old_logps, ref_logps) -> tuple[torch.Tensor, dict]:
+        """Advantages [N] or [N, R] and their metrics (:mod:`lit_rlhf.stages.distill` adds the teacher's signal)."""
+        steps = step_tensors(self.rewards, self.tokenizer, rollout, scores)  # advantage_estimator=process only
+        return self.objective.advantages(scores, rollout.response_mask, old_logps, ref_logps, steps)
+
     def update(self, rollout: Rollout, advantages, old_logps, ref_logps) -> dict[str, float]:
-        """mu passes over the batch, one optimizer and scheduler step each (the first counted: one global step per
-        rollout batch); returns the mean loss and loss metrics over all passes."""
+        """mu passes over the batch, one optimizer/scheduler step each (the first counted); mean loss and metrics."""
         opt, scheduler = self.optimizers(), self.lr_schedulers()
         units = objectives.loss_weights(self.hparams.loss, rollout.completion_lengths.to(self.device))
         weights = units / global_normalizer(units.sum())  # minibatch losses sum (DDP: average) to the full batch's
@@ -271,9 +272,10 @@ class GRPOModule(L.LightningModule):
                     add(name, value, weight / self.hparams.num_iterations)
                 if first and entropy is not None:  # per pass-0 metrics: entropy, sampler vs trainer logps
                     add("entropy", masked_mean(entropy, mb.response_mask), weight)
-                if first and mb.sample_logps is not None:
-                    diff = (out.logps.detach() - mb.sample_logps).abs()
-                    add("logps/sampler_abs_diff", masked_mean(diff, mb.response_mask), weight)
+                if first and mb.sample_logps is not None:  # rollout/logp_diff/{mean,max}: sampler vs trainer
+                    diff = losses.logp_diff_metrics(out.logps.detach(), mb.sample_logps, mb.response_mask)
+                    add("rollout/logp_diff/mean", diff["rollout/logp_diff/mean"], weight)
+                    totals.update({k: max(totals.get(k, 0.0), float(v)) for k, v in diff.items() if "max" in k})
             clip_and_step(self, opt, self.hparams.max_grad_norm, count=iteration == 0)
             scheduler.step()
         return {"loss": 0.0, **totals}
@@ -284,12 +286,11 @@ class GRPOModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in stats.items() if k != "loss"}, sync_dist=sync, batch_size=max(n, 1))
         self.log("train/loss", stats["loss"], prog_bar=True, sync_dist=sync, batch_size=max(n, 1))
         self.log_dict({f"perf/{k}": v for k, v in timing.items()}, batch_size=max(n, 1))
-        tokens = int(rollout.prompt_mask.sum() + rollout.response_mask.sum()) if n else 0
         prompt, completion = int(rollout.prompt_mask.sum()), int(rollout.response_mask.sum())
         extra = int(self.hparams.beta > 0) + int(self.hparams.num_iterations > 1 or self.objective.needs_old_logps)
         mu, full = self.hparams.num_iterations, self.spec.lora is None  # sampling, old, ref forwards; mu passes
         flops = rollout_step_flops(self._flop_counts, prompt, completion, 1 + extra, mu, full) if n else 0.0
-        perf = self.throughput.step(n, tokens, flops)  # samples: completions
+        perf = self.throughput.step(n, prompt + completion, flops)  # samples: completions; tokens
         self.log_dict(perf, batch_size=max(n, 1))
         every, step = self.hparams.table_every_n_steps, self.global_step  # this step's rollout batch, counted
         if every and n and (step - 1) % every == 0:
@@ -301,8 +302,7 @@ class GRPOModule(L.LightningModule):
 
     # -- validation -----------------------------------------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        greedy = SamplingSettings(max_new_tokens=self.sampling.max_new_tokens, temperature=0.0)
-        rollout = self.sample(batch, 1, greedy)
+        rollout = self.sample(batch, 1, SamplingSettings(max_new_tokens=self.sampling.max_new_tokens, temperature=0.0))
         scores = self.score(rollout, batch.extras)
         n, lengths = len(rollout), rollout.completion_lengths.float()
         values = {"val/completions/mean_length": lengths.mean(), "val/completions/truncated_rate": rollout.truncated}

@@ -41,7 +41,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from lit_rlhf import critics, experience, models, objectives, reward_models
+from lit_rlhf import critics, experience, models, objectives, reward_models, vllm_engine
 from lit_rlhf.critics import CriticSettings
 from lit_rlhf.distributed import fully_shard_lm, fully_shard_root, global_masked_whiten, global_normalizer, rank_mean
 from lit_rlhf.experience import Experience, LogitsRecorder, RunningMoments, ScoreNorm
@@ -88,7 +88,8 @@ class PPOModule(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         optimizer: OptimizerSettings = OptimizerSettings(lr=1e-4),
         critic_optimizer: OptimizerSettings = OptimizerSettings(lr=3e-4),
-        rollout_backend: Literal["kv_cache"] = "kv_cache",
+        rollout_backend: Literal["kv_cache", "vllm"] = "kv_cache",
+        vllm: vllm_engine.VLLMSettings = vllm_engine.VLLMSettings(),
         peak_flops: float = 200e9,
         table_rows: int = 8,
         table_every_n_steps: int = 10,
@@ -98,8 +99,7 @@ class PPOModule(L.LightningModule):
             policy: the actor (name, dtype, LoRA); the reference is derived from it.
             critic: the value model: ``reward_model``, ``policy`` or ``shared_base`` init, its LoRA.
             reward_model: an exported sequence-classification reward model scoring each completion; null: none.
-            rewards: reward functions by registry name or import path, with weights and kwargs, added to the score;
-                null: :data:`lit_rlhf.rewards.DEFAULT_REWARDS` without a reward model, none otherwise.
+            rewards: reward functions, weights and kwargs, added to the score; null: the defaults without an RM.
             sampling: rollout settings (token budget, temperature, top-k/top-p).
             samples_per_prompt: completions sampled per prompt.
             ppo_epochs: passes over each rollout batch.
@@ -121,7 +121,8 @@ class PPOModule(L.LightningModule):
             max_grad_norm: gradient-norm clip of each optimizer step; null: off.
             optimizer: AdamW + schedule of the actor.
             critic_optimizer: AdamW + schedule of the critic.
-            rollout_backend: generation backend (:data:`lit_rlhf.rollout.ROLLOUT_BACKENDS`).
+            rollout_backend: sampler: ``kv_cache`` (built-in, batched, KV-cached) or ``vllm`` (:mod:`.vllm_engine`).
+            vllm: the vLLM engine's settings (``rollout_backend: vllm``).
             peak_flops: peak FLOP/s of one device, for MFU (CPU here: ~200e9 fp32; H100: ~989e12 bf16).
             table_rows: completions per W&B sample table.
             table_every_n_steps: log a table of training samples every this many steps.
@@ -139,8 +140,7 @@ class PPOModule(L.LightningModule):
         self.composer = RewardComposer(rewards) if rewards else None
         self.kl_ctl, self.moments = build_kl_controller(kl), RunningMoments()
         self.policy_loss = objectives.ppo_policy_loss(policy_loss, clip_range, dual_clip_c)
-        self.policy = None  # built in configure_model
-        self.val_means, self.throughput, self._val_rows = PhaseMeans(), Throughput(peak_flops), []
+        self.policy, self.val_means, self.throughput, self._val_rows = None, PhaseMeans(), Throughput(peak_flops), []
 
     # -- networks -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -187,8 +187,8 @@ class PPOModule(L.LightningModule):
 
     def generate(self, batch: PromptBatch, generator: torch.Generator) -> Rollout:
         """``samples_per_prompt`` completions of each prompt from the current policy, text decoded."""
-        n, backend = self.hparams.samples_per_prompt, self.hparams.rollout_backend
-        return sample_completions(self.policy, self.tokenizer, batch, n, self.sampling, generator, backend)
+        n, backend = self.hparams.samples_per_prompt, (self.hparams.rollout_backend, self.hparams.vllm)
+        return sample_completions(self.policy, self.tokenizer, batch, n, self.sampling, generator, *backend)
 
     def score(self, rollout: Rollout, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Reward model + reward functions: (scores [N] before penalty, NaN where none scored; per-source stats)."""

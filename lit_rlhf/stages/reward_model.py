@@ -7,6 +7,8 @@ encoder) is fitted to the data's record kind, each with its own pure loss (:mod:
   (``margin`` m, Llama 2)
 - ranked lists (``RankedBatch``): K-wise ranking loss over all C(K,2) ordered pairs, / C(K,2) (InstructGPT Eq. 1)
 - scored records (``ScoredBatch``): pointwise regression (r(x, y) - s)^2 (e.g. ±1 outcome labels, Uesato et al. 2022)
+- step-labelled solutions (``StepBatch``, ``--data.format=steps``): a process reward model, the head read at every
+  step's last token, binary cross-entropy per step averaged over the batch's steps (:mod:`lit_rlhf.process_rewards`)
 
 plus two optional regularisers: ``lm_coef`` x the NLL of the best response under the backbone's own LM head
 (tied embeddings; keeps the features language-like, against over-fitting the pairwise task), and ``centering_coef``
@@ -15,8 +17,10 @@ scored exactly as the exported model scores it.
 
 Metrics: ``{train,val}/loss``; ``rewards/accuracies`` (pairwise ranking accuracy over every ordered pair, torchmetrics
 ``BinaryAccuracy``; the usual held-out RM figure), ``rewards/{chosen,rejected}`` and their ``_std`` (chosen =
-best response, rejected = the others), ``rewards/margins``, ``rewards/mean``. Calibration check: after each
-validation a warning is issued when the held-out mean reward drifts further than ``calibration_limit`` from 0.
+best response, rejected = the others), ``rewards/margins``, ``rewards/mean``; steps: ``step_accuracy`` (logit > 0
+= correct) and ``first_error_accuracy`` (the first step predicted wrong is the first one labelled wrong, or none is
+in both). Calibration check: after each validation a warning is issued when the held-out mean reward drifts further
+than ``calibration_limit`` from 0.
 
     python -m lit_rlhf.experiments.rm                                    # SmolLM2-135M + LoRA, built-in pairs, CPU
     python -m lit_rlhf.experiments.rm --config experiments/rm/minilm.yaml   # BERT-style encoder (all-MiniLM-L6-v2)
@@ -35,13 +39,19 @@ from torchmetrics import MeanMetric
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import BinaryAccuracy
 
-from lit_rlhf import models, reward_models
+from lit_rlhf import models, process_rewards, reward_models
 from lit_rlhf.data import render
 from lit_rlhf.distributed import full_state_dict, fully_shard_lm, is_sharded
-from lit_rlhf.losses import bradley_terry_loss, pointwise_regression_loss, ranking_loss, reward_centering_penalty
+from lit_rlhf.losses import (
+    bradley_terry_loss,
+    pointwise_regression_loss,
+    ranking_loss,
+    reward_centering_penalty,
+    step_bce_loss,
+)
 from lit_rlhf.metrics import Throughput, log_table, training_flops
 from lit_rlhf.optim import OptimizerSettings, build_optimizer, trainable_state_dict
-from lit_rlhf.types import PreferenceBatch, PromptResponseBatch, RankedBatch, ScoredBatch
+from lit_rlhf.types import PreferenceBatch, PromptResponseBatch, RankedBatch, ScoredBatch, StepBatch
 
 
 def ranked_view(rewards: torch.Tensor, batch: PromptResponseBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +122,7 @@ class RewardModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self.tokenizer = models.load_tokenizer(backbone.name, backbone.revision, for_reward_model=True)
         self.val_loss, self.val_accuracy = MeanMetric(), BinaryAccuracy()
+        self.val_step_accuracy, self.val_first_error = BinaryAccuracy(), MeanMetric()
         self.val_chosen, self.val_rejected = CatMetric(), CatMetric()
         self.throughput = Throughput(peak_flops)
         self._table_rows: list[list] = []
@@ -130,7 +141,9 @@ class RewardModule(L.LightningModule):
             fully_shard_lm(self.model, self.device_mesh, called_directly=direct)
 
     def rewards(self, batch: PromptResponseBatch, with_lm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(rewards [N] of every response row, LM logps of the best responses' tokens or None), one forward."""
+        """(rewards [N] of every response row (steps: [N, K]), LM logps of the best responses' tokens or None)."""
+        if isinstance(batch, StepBatch):
+            return process_rewards.step_logits(self.model, batch, self.tokenizer.pad_token_id), None
         shared = self.hparams.forward_mode == "shared_prompt" and not with_lm and not self.spec.gradient_checkpointing
         shared = shared and self.device_mesh is None
         if shared and not models.is_encoder(self.model.config):
@@ -153,11 +166,16 @@ class RewardModule(L.LightningModule):
 
     # -- loss -----------------------------------------------------------------------------------------------------
     def _loss(self, batch: PromptResponseBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, rewards [N], metrics) for any record kind."""
-        lm = self.hparams.lm_coef > 0 and not isinstance(batch, ScoredBatch)
+        """(loss, rewards [N] (steps: [N, K]), metrics) for any record kind."""
+        lm = self.hparams.lm_coef > 0 and not isinstance(batch, (ScoredBatch, StepBatch))
         rewards, lm_logps = self.rewards(batch, with_lm=lm)
-        metrics: dict[str, torch.Tensor] = {"rewards/mean": rewards.detach().mean()}
-        if isinstance(batch, ScoredBatch):
+        scores = rewards[batch.step_mask] if isinstance(batch, StepBatch) else rewards
+        metrics: dict[str, torch.Tensor] = {"rewards/mean": scores.detach().mean()}
+        if isinstance(batch, StepBatch):  # process reward model (Lightman et al. 2023): is each step still correct?
+            loss = step_bce_loss(rewards, batch.step_labels, batch.step_mask)
+            correct = (scores.detach() > 0) == batch.step_labels[batch.step_mask].bool()
+            metrics["step_accuracy"] = correct.float().mean()
+        elif isinstance(batch, ScoredBatch):
             loss = pointwise_regression_loss(rewards, batch.scores.to(rewards)).mean()
         else:
             ranked, mask = ranked_view(rewards, batch)
@@ -176,7 +194,7 @@ class RewardModule(L.LightningModule):
                 }
             )
         if self.hparams.centering_coef > 0:
-            loss = loss + reward_centering_penalty(rewards, self.hparams.centering_coef)
+            loss = loss + reward_centering_penalty(scores, self.hparams.centering_coef)
         if lm:
             nll = -lm_logps.mean()
             loss = loss + self.hparams.lm_coef * nll
@@ -206,6 +224,9 @@ class RewardModule(L.LightningModule):
         n = int(batch.prompt_ids.shape[0])
         self.val_loss.update(loss.detach(), n)
         self.log("val/loss", self.val_loss, on_epoch=True, on_step=False, batch_size=n)
+        if isinstance(batch, StepBatch):
+            self._validate_steps(rewards.detach(), batch)
+            return
         if isinstance(batch, ScoredBatch):
             self.val_chosen.update(rewards.detach())
             return
@@ -216,6 +237,16 @@ class RewardModule(L.LightningModule):
         self.val_chosen.update(ranked[:, 0])
         self.val_rejected.update(ranked[:, 1:][mask[:, 1:]])
         self._collect_table_rows(batch, ranked)
+
+    def _validate_steps(self, logits: torch.Tensor, batch: StepBatch) -> None:
+        """Held-out step accuracy (threshold 0 on the logit) and first-error accuracy of a step batch."""
+        mask, labels, n = batch.step_mask, batch.step_labels, int(batch.prompt_ids.shape[0])
+        self.val_step_accuracy.update(torch.sigmoid(logits[mask]), labels[mask].long())
+        first = process_rewards.first_error_index
+        self.val_first_error.update((first(logits > 0, mask) == first(labels > 0.5, mask)).float())
+        self.log("val/step_accuracy", self.val_step_accuracy, on_epoch=True, on_step=False, batch_size=n)
+        self.log("val/first_error_accuracy", self.val_first_error, on_epoch=True, on_step=False, batch_size=n)
+        self.val_chosen.update(logits[mask])
 
     def on_validation_epoch_end(self) -> None:
         chosen = self.val_chosen.compute() if self.val_chosen.update_count else torch.zeros(0)
