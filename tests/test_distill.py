@@ -14,9 +14,10 @@ import torch
 
 from lit_rlhf import models, report
 from lit_rlhf.advantages import distillation_advantages, group_advantages
+from lit_rlhf.losses import full_reverse_kl
 from lit_rlhf.rewards import RewardResult, RewardSpec
 from lit_rlhf.rollout import SamplingSettings, group_index
-from lit_rlhf.stages.distill import SFT_EXPORT, DistillModule, check_shared_tokenizer
+from lit_rlhf.stages.distill import SFT_EXPORT, DistillModule, check_shared_tokenizer, scored_logits
 from lit_rlhf.types import Rollout
 from tests.test_report import undocumented
 
@@ -116,6 +117,8 @@ def test_a_teacher_with_another_tokenizer_is_refused_at_construction(tmp_path):
         (dict(teacher=models.ModelSpec(name="tiny")), "teacher.lora must be null"),
         (dict(teacher=TINY, zero_variance_groups="drop"), "use keep"),
         (dict(teacher=TINY, kl_discount=-0.1), "discount factor"),
+        (dict(teacher=TINY, task_reward_weight=0.5), "task_reward_weight=0 and beta=0"),  # divergence=full
+        (dict(teacher=TINY, beta=0.1), "task_reward_weight=0 and beta=0"),
         (dict(), "run `python -m lit_rlhf.experiments.sft` first"),  # the default teacher, not exported here
     ],
 )
@@ -133,6 +136,7 @@ def test_the_stage_adds_the_weighted_task_advantage_to_the_teacher_signal():
     module = DistillModule(
         policy=TINY,
         teacher=models.ModelSpec(name="tiny", lora=None, seed=1),
+        divergence="sampled",
         task_reward_weight=0.5,
         num_generations=2,
         sampling=SamplingSettings(max_new_tokens=4),
@@ -164,6 +168,30 @@ def test_the_stage_adds_the_weighted_task_advantage_to_the_teacher_signal():
     assert stats["distill/student_logps"] == pytest.approx(float(sample_logps.sum() / mask.sum()), rel=1e-5)
 
 
+def test_full_divergence_scores_the_same_positions_as_grpo_and_trains_only_the_adapter():
+    """divergence=full: the logits it takes (:func:`scored_logits`) give, at the sampled tokens, exactly GRPO's logps of
+    the rollout (same positions and order), and the full KL's gradient reaches only a LoRA student's adapter."""
+    module = DistillModule(policy=models.ModelSpec(name="tiny"), teacher=TINY, num_generations=2)
+    module.configure_model()
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])  # left padding
+    ids = torch.randint(300, 3000, (2, 3), generator=g)
+    rollout = Rollout(ids, prompt_mask, torch.randint(300, 3000, (4, 4), generator=g), mask, group_index(2, 2),
+                      torch.zeros(4, dtype=torch.bool))  # fmt: skip
+    student, targets = scored_logits(module.policy, rollout)
+    assert student.shape == (int(mask.sum()), module.policy.config.vocab_size)
+    grpo = module.frozen_logps(module.policy, rollout)
+    mine = torch.log_softmax(student.detach().float() / module.sampling.temperature, -1).gather(-1, targets[:, None])
+    torch.testing.assert_close(mine[:, 0], grpo[mask.bool()], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        teacher = scored_logits(module.teacher, rollout)[0]
+    full_reverse_kl(student, teacher, torch.ones_like(targets)).sum().backward()
+    grads = {n: p.grad for n, p in module.policy.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads) and any(g.abs().max() > 0 for g in grads.values())
+    assert all(p.grad is None for p in module.teacher.parameters())
+
+
 # ------------------------------------------------------------------------------------------------- end to end
 def _sharper_student(path) -> str:
     """The tiny model (seed 0) with its final-norm weight x 8: its logits are 8 times larger, so it is far more
@@ -177,11 +205,15 @@ def _sharper_student(path) -> str:
 
 
 @pytest.mark.slow
-def test_tiny_distillation_run_lowers_the_reverse_kl(tmp_path):
+@pytest.mark.parametrize("divergence", ["sampled", "full"])
+def test_tiny_distillation_run_lowers_the_reverse_kl(divergence, tmp_path):
+    """Both divergences lower the logged reverse KL (``full``: the exact full-vocabulary KL, and its sampled estimate
+    is logged beside it)."""
     student = _sharper_student(tmp_path / "student")
     out = tmp_path / "run"
     command = [sys.executable, "-m", "lit_rlhf.experiments.distill", "--config", TINY_YAML, "--output_dir", str(out)]
-    command += [f"--model.policy.name={student}", "--trainer.enable_progress_bar=false"]
+    command += [f"--model.policy.name={student}", f"--model.divergence={divergence}"]
+    command += ["--trainer.enable_progress_bar=false"]
     command += ["--trainer.enable_checkpointing=false", "--export=false"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -197,6 +229,11 @@ def test_tiny_distillation_run_lowers_the_reverse_kl(tmp_path):
     assert last < 0.85 * first, kl  # the student moves toward the teacher
     logged = {k for r in rows for k, v in r.items() if v} | set(summary["start"])
     assert {"train/distill/student_logps", "train/distill/teacher_logps", "train/loss", "val/accuracy"} <= logged
+    assert ("train/distill/sampled_reverse_kl" in logged) == (divergence == "full")
+    if divergence == "full":  # an exact KL: never negative; the loss is it (one pass)
+        assert min(kl) > 0
+        losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+        assert losses == pytest.approx(kl, rel=1e-4)
     assert undocumented(logged) == [], "every metric distillation logs is in the README's schema"
     assert "distill:" in done.stdout and "val/accuracy" in done.stdout  # the start -> end summary
     kl_panel = next(c for c in report.CURVES if c.title == "KL")
@@ -212,5 +249,6 @@ def test_lit_rlhf_distill_help():
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    for option in ("--model.teacher.name", "--model.task_reward_weight", "--model.kl_discount", "--model.loss"):
+    options = ("--model.teacher.name", "--model.divergence", "--model.task_reward_weight", "--model.kl_discount")
+    for option in (*options, "--model.loss"):
         assert option in done.stdout, option

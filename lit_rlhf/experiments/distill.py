@@ -3,14 +3,15 @@
 With no arguments (= ``experiments/distill/smollm2.yaml``): the student SmolLM2-135M-Instruct + LoRA (r16, alpha 32,
 all linear layers) samples completions to the built-in arithmetic task's prompts and learns from the teacher
 ``runs/sft/export/merged`` (the SFT stage's export: run ``python -m lit_rlhf.experiments.sft`` first), which answers
-with digit-by-digit worked steps ending in "The answer is N."; the reward is only the teacher's per-token reverse KL
-(``task_reward_weight: 0``). 40 steps of 8 prompts x 4 completions of at most 48 tokens, token-mean loss, on the CPU
-in under 15 minutes on 2 cores; the student's held-out greedy ``val/accuracy`` (64 questions never trained on) is
-printed at the start and the end, and ``train/distill/reverse_kl`` is logged each step. See
-:mod:`lit_rlhf.stages.distill` for the algorithm.
+with digit-by-digit worked steps ending in "The answer is N."; the student minimises only the full-vocabulary
+per-token reverse KL to the teacher on its own samples (``divergence: full``, minibatches of 8). 40 steps of 8
+prompts x 4 completions of at most 48 tokens, token-mean loss, on the CPU in under 15 minutes on 2 cores; the
+student's held-out greedy ``val/accuracy`` (64 questions never trained on) is printed at the start and the end,
+and ``train/distill/reverse_kl`` is logged each step. See :mod:`lit_rlhf.stages.distill` for the algorithm.
 
     python -m lit_rlhf.experiments.distill --config experiments/distill/tiny.yaml --output_dir runs/distill-tiny
-    python -m lit_rlhf.experiments.distill --model.teacher.name=my/teacher --model.task_reward_weight=0.5
+    python -m lit_rlhf.experiments.distill --model.teacher.name=my/teacher
+    python -m lit_rlhf.experiments.distill --model.divergence=sampled --model.task_reward_weight=0.5   # GKD Eq. 5 mix
     python -m lit_rlhf.experiments.distill --print_config > my.yaml                       # complete, re-runnable config
 """
 
@@ -25,7 +26,7 @@ TRAINER_DEFAULTS = {
     "check_val_every_n_epoch": None,
     "gradient_clip_val": None,
 }
-# The default experiment: the SFT model's worked answers (instruction off), a token-mean loss over the per-token signal.
+# The default experiment: the SFT model's worked answers (instruction off), the token-mean full-vocabulary reverse KL.
 DEFAULTS = {
     "data.instruction": None,
     "data.max_val_records": 64,
@@ -33,6 +34,8 @@ DEFAULTS = {
     "data.batch_size": 8,
     "model.policy.lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"]},
     "model.num_generations": 4,
+    "model.minibatch_size": 8,
+    "model.divergence": "full",
     "model.loss": "dapo",
     "model.optimizer.lr": 5.0e-4,
 }

@@ -1,6 +1,7 @@
 """Pure loss functions, one per variant, selected by name in YAML. Grouped by family:
 
 - :mod:`.preference` — DPO, IPO, hinge, robust DPO (offline preference optimisation)
+- :mod:`.distill`    — full-vocabulary reverse KL to a teacher (GKD on-policy distillation)
 - :mod:`.kl`         — k1/k2/k3, k3+ and importance-weighted k3 per-token KL estimators; KL in the reward
 - :mod:`.policy`     — GRPO family (GRPO, DAPO, Dr. GRPO, GSPO, dual clip, CISPO, SAPO): ``GRPO_LOSSES``
 - :mod:`.ppo`        — PPO clipped and dual-clip policy losses (``PPO_POLICY_LOSSES``), clipped value loss
@@ -15,6 +16,7 @@ from lit_rlhf.losses.correction import (
     masked_is_weights,
     truncated_is_weights,
 )
+from lit_rlhf.losses.distill import full_reverse_kl
 from lit_rlhf.losses.kl import KLEstimator, RewardKLEstimator, kl_in_reward, kl_penalty
 from lit_rlhf.losses.policy import (
     GRPO_LOSSES,
@@ -50,6 +52,7 @@ __all__ = [
     "dpo_loss",
     "dr_grpo_loss",
     "dual_clip_loss",
+    "full_reverse_kl",
     "grpo_loss",
     "gspo_loss",
     "hinge_loss",

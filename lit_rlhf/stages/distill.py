@@ -3,8 +3,18 @@ Self-Generated Mistakes", Eq. 4 with lambda = 1 and D = reverse KL; the Thinking
 
 The student (the policy) samples G completions per prompt exactly as in GRPO (:class:`lit_rlhf.stages.grpo.GRPOModule`,
 whose ``training_step`` this stage runs unchanged); a frozen teacher, any causal LM with the student's tokenizer,
-scores every sampled token, and the per-token reverse KL estimate k_t = log pi_s(o_t | q, o_<t) - log pi_t(o_t | q,
-o_<t) is the negative per-token reward (:func:`lit_rlhf.advantages.distillation_advantages`):
+scores them. ``divergence`` picks what is minimised:
+
+- ``full`` (default; GKD Eq. 4, TRL's ``generalized_jsd_loss`` at beta = 1): on the sampled prefixes (no gradient
+  through sampling), the exact per-token reverse KL over the whole vocabulary, sum_v pi_s(v) (log pi_s(v) - log
+  pi_t(v)) (:func:`lit_rlhf.losses.full_reverse_kl`), token-mean over the batch, differentiated through the student's
+  logits (the ``update`` override: teacher logits without grad per minibatch, then GRPO's clipping, optimizer and
+  scheduler steps). It raises the teacher's preferred tokens even where the student never samples them; the
+  sampled estimate below cannot (it only pushes down what the student samples, which made the default run
+  mode-seek: the KL fell, the accuracy too). Needs ``task_reward_weight`` = 0 and ``beta`` = 0; [mb, R, V] logits:
+  keep ``minibatch_size`` small.
+- ``sampled``: the per-token reverse KL estimate k_t = log pi_s(o_t | q, o_<t) - log pi_t(o_t | q, o_<t) is the
+  negative per-token reward (:func:`lit_rlhf.advantages.distillation_advantages`) of GRPO's update:
 
     A_t = -k_t  (+ task_reward_weight * A_task)       kl_discount = 0: each token its own term (Thinking Machines)
 
@@ -16,10 +26,11 @@ loaded frozen (no grad, eval mode) in ``configure_model`` and sharded like GRPO'
 teacher whose tokenizer maps any token to another id is refused at construction. ``beta`` > 0 still adds GRPO's KL to
 the student's own reference (its adapter disabled).
 
-Logged besides GRPO's metrics: ``train/distill/reverse_kl`` (the per-token mean of k_t over the batch's completion
-tokens: the estimate of the reverse KL that training lowers), ``train/distill/{student,teacher}_logps`` (per-token
-mean logps of the sampled tokens). Validation is GRPO's: greedy decoding, ``val/accuracy`` from the answer verifier,
-so the student's held-out accuracy before -> after comes from the same code as GRPO's.
+Logged besides GRPO's metrics: ``train/distill/reverse_kl`` (the per-token mean over the batch's completion tokens of
+the full-vocabulary KL, or of k_t with ``sampled``: the reverse KL that training lowers),
+``train/distill/sampled_reverse_kl`` (``full`` only: the mean k_t from the same logits),
+``train/distill/{student,teacher}_logps`` (per-token mean logps of the sampled tokens). Validation is GRPO's: greedy
+decoding, ``val/accuracy`` from the answer verifier, so the held-out accuracy before -> after is GRPO's code.
 
     python -m lit_rlhf.experiments.sft                        # the teacher: runs/sft/export/merged
     python -m lit_rlhf.experiments.distill                    # SmolLM2-135M-Instruct + LoRA learns from it
@@ -28,11 +39,15 @@ so the student's held-out accuracy before -> after comes from the same code as G
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from lit_rlhf import models
+from lit_rlhf import losses, models
 from lit_rlhf.advantages import distillation_advantages
-from lit_rlhf.distributed import fully_shard_lm, global_normalizer
+from lit_rlhf.distributed import fully_shard_lm, global_normalizer, row_chunks
+from lit_rlhf.logprobs import predicting_positions, selective_log_softmax
+from lit_rlhf.optim import clip_and_step
 from lit_rlhf.rewards import RewardResult
 from lit_rlhf.stages.grpo import GRPOModule
 from lit_rlhf.types import Rollout
@@ -47,6 +62,7 @@ class DistillModule(GRPOModule):
     def __init__(
         self,
         teacher: models.ModelSpec = models.ModelSpec(name=SFT_EXPORT, lora=None),
+        divergence: Literal["sampled", "full"] = "full",
         task_reward_weight: float = 0.0,
         kl_discount: float = 0.0,
         **kwargs,
@@ -55,6 +71,9 @@ class DistillModule(GRPOModule):
         Args:
             teacher: the frozen teacher (name, dtype; ``lora`` must be null): any causal LM whose tokenizer is the
                 student's (``model.policy``). Default: the SFT stage's export.
+            divergence: ``full``: the exact full-vocabulary reverse KL at each sampled prefix, differentiated through
+                the student's logits (GKD Eq. 4, :func:`lit_rlhf.losses.full_reverse_kl`); ``sampled``: the sampled
+                token's log-ratio as a per-token reward through ``loss`` (GRPO's update).
             task_reward_weight: weight of the task rewards' GRPO advantage added to the distillation advantage
                 (0: pure distillation; the rewards are still computed and logged).
             kl_discount: gamma of the reverse-KL reward-to-go; 0: each token's own term (per-token advantages).
@@ -70,6 +89,11 @@ class DistillModule(GRPOModule):
             raise ValueError(
                 f"model.zero_variance_groups={self.hparams.zero_variance_groups}: distillation learns from every "
                 "completion (its per-token signal does not need reward variance); use keep"
+            )
+        if divergence == "full" and (task_reward_weight != 0.0 or self.hparams.beta > 0):
+            raise ValueError(
+                "model.divergence=full minimises the teacher's KL alone: use task_reward_weight=0 and beta=0 "
+                "(or divergence=sampled, which mixes both into GRPO's policy-gradient loss)"
             )
         self.teacher_spec = teacher
         check_shared_tokenizer(self.tokenizer, load_teacher_tokenizer(teacher), self.spec.name, teacher.name)
@@ -96,6 +120,8 @@ class DistillModule(GRPOModule):
         """Per-token advantages [N, R]: minus the reverse-KL estimate to the teacher, plus ``task_reward_weight``
         times GRPO's task advantages; metrics ``distill/*`` (per-token means, global batch)."""
         hp, mask = self.hparams, rollout.response_mask
+        if hp.divergence == "full":  # the update differentiates the full KL itself (no teacher forward here)
+            return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device), {}
         student = old_logps if old_logps is not None else rollout.sample_logps
         if student is None:  # a sampler that returns no logps
             student = self.frozen_logps(self.policy, rollout)
@@ -112,6 +138,55 @@ class DistillModule(GRPOModule):
             advantages = advantages + hp.task_reward_weight * task.to(advantages.dtype) * weights
             stats.update(task_stats)
         return advantages, stats
+
+    # -- update: the full-vocabulary reverse KL (divergence=full), else GRPO's policy-gradient update -----------------
+    def update(self, rollout: Rollout, advantages, old_logps, ref_logps) -> dict[str, float]:
+        """``full``: mu passes of the token-mean full-vocabulary reverse KL over the batch's completion tokens (student
+        logits with grad, teacher logits without, per minibatch), clipped, one optimizer/scheduler step per pass (the
+        first counted), as GRPO's update; metrics ``loss``, ``distill/*`` (pass 0, global per-token means)."""
+        hp = self.hparams
+        if hp.divergence != "full":
+            return super().update(rollout, advantages, old_logps, ref_logps)
+        opt, scheduler, temperature = self.optimizers(), self.lr_schedulers(), self.sampling.temperature
+        tokens = global_normalizer(rollout.response_mask.sum())  # minibatch sums / it add up to the global token mean
+        chunks = row_chunks(len(rollout), hp.minibatch_size, self.device, same_count_on_all_ranks=True)
+        totals: dict[str, float] = {}
+        self.teacher.eval()
+        for iteration in range(hp.num_iterations):
+            for rows in chunks:
+                if len(rows) == 0:  # this rank ran out of rows; DDP still needs the same number of backward passes
+                    self.manual_backward(sum(p.sum() for p in self.policy.parameters() if p.requires_grad) * 0.0)
+                    continue
+                mb = rollout.select(rows)
+                student, targets = scored_logits(self.policy, mb)
+                with torch.no_grad():
+                    teacher = scored_logits(self.teacher, mb)[0][:, : student.shape[-1]]  # the student's vocabulary
+                kl = losses.full_reverse_kl(student, teacher, torch.ones_like(targets), temperature)
+                loss = kl.sum() / tokens
+                self.manual_backward(loss)
+                totals["loss"] = totals.get("loss", 0.0) + float(loss) / hp.num_iterations
+                if iteration == 0:
+                    s_logps = selective_log_softmax(student.detach() / temperature, targets)
+                    t_logps = selective_log_softmax(teacher / temperature, targets)
+                    values = {"reverse_kl": kl.detach(), "sampled_reverse_kl": s_logps - t_logps}
+                    values.update(student_logps=s_logps, teacher_logps=t_logps)
+                    for name, x in values.items():
+                        totals[f"distill/{name}"] = totals.get(f"distill/{name}", 0.0) + float(x.sum() / tokens)
+            clip_and_step(self, opt, hp.max_grad_norm, count=iteration == 0)
+            scheduler.step()
+        return totals
+
+
+def scored_logits(lm: torch.nn.Module, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [n, V] at the positions that predict the rollout's n completion tokens, those tokens [n]), row-major:
+    each row runs as one sequence (:meth:`Rollout.as_sequences`), the head only where a completion token is scored."""
+    input_ids, attention_mask, loss_mask, position_ids = rollout.as_sequences()
+    keep = predicting_positions(loss_mask)
+    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep, use_cache=False)
+    logits = lm(input_ids=input_ids, **kwargs).logits
+    if logits.dim() == 3:  # a model without bool logits_to_keep support returned every position
+        logits = logits[keep]
+    return logits, input_ids[loss_mask.bool()]
 
 
 def load_teacher_tokenizer(spec: models.ModelSpec):
