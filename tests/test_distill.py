@@ -117,8 +117,9 @@ def test_a_teacher_with_another_tokenizer_is_refused_at_construction(tmp_path):
         (dict(teacher=models.ModelSpec(name="tiny")), "teacher.lora must be null"),
         (dict(teacher=TINY, zero_variance_groups="drop"), "use keep"),
         (dict(teacher=TINY, kl_discount=-0.1), "discount factor"),
-        (dict(teacher=TINY, task_reward_weight=0.5), "task_reward_weight=0 and beta=0"),  # divergence=full
-        (dict(teacher=TINY, beta=0.1), "task_reward_weight=0 and beta=0"),
+        (dict(teacher=TINY, task_reward_weight=0.5), "task_reward_weight=0 and beta=0"),  # divergence=forward
+        (dict(teacher=TINY, beta=0.1, divergence="reverse"), "task_reward_weight=0 and beta=0"),
+        (dict(teacher=TINY, divergence="jsd", jsd_beta=1.0), "0 < beta < 1"),
         (dict(), "run `python -m lit_rlhf.experiments.sft` first"),  # the default teacher, not exported here
     ],
 )
@@ -169,8 +170,9 @@ def test_the_stage_adds_the_weighted_task_advantage_to_the_teacher_signal():
 
 
 def test_full_divergence_scores_the_same_positions_as_grpo_and_trains_only_the_adapter():
-    """divergence=full: the logits it takes (:func:`scored_logits`) give, at the sampled tokens, exactly GRPO's logps of
-    the rollout (same positions and order), and the full KL's gradient reaches only a LoRA student's adapter."""
+    """divergence=forward/reverse/jsd: the logits it takes (:func:`scored_logits`) give, at the sampled tokens,
+    exactly GRPO's logps of the rollout (same positions and order), and the full KL's gradient reaches only a LoRA
+    student's adapter."""
     module = DistillModule(policy=models.ModelSpec(name="tiny"), teacher=TINY, num_generations=2)
     module.configure_model()
     g = torch.Generator().manual_seed(0)
@@ -205,10 +207,10 @@ def _sharper_student(path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("divergence", ["sampled", "full"])
+@pytest.mark.parametrize("divergence", ["sampled", "reverse", "forward"])
 def test_tiny_distillation_run_lowers_the_reverse_kl(divergence, tmp_path):
-    """Both divergences lower the logged reverse KL (``full``: the exact full-vocabulary KL, and its sampled estimate
-    is logged beside it)."""
+    """Every divergence lowers the logged reverse KL (``reverse``/``forward``: the exact full-vocabulary KL, with the
+    trained divergence and the sampled estimate logged beside it)."""
     student = _sharper_student(tmp_path / "student")
     out = tmp_path / "run"
     command = [sys.executable, "-m", "lit_rlhf.experiments.distill", "--config", TINY_YAML, "--output_dir", str(out)]
@@ -229,11 +231,13 @@ def test_tiny_distillation_run_lowers_the_reverse_kl(divergence, tmp_path):
     assert last < 0.85 * first, kl  # the student moves toward the teacher
     logged = {k for r in rows for k, v in r.items() if v} | set(summary["start"])
     assert {"train/distill/student_logps", "train/distill/teacher_logps", "train/loss", "val/accuracy"} <= logged
-    assert ("train/distill/sampled_reverse_kl" in logged) == (divergence == "full")
-    if divergence == "full":  # an exact KL: never negative; the loss is it (one pass)
-        assert min(kl) > 0
+    assert ("train/distill/sampled_reverse_kl" in logged) == (divergence != "sampled")
+    if divergence != "sampled":  # exact KLs: never negative; the loss is the trained divergence (one pass)
+        trained = [float(r["train/distill/divergence"]) for r in rows if r.get("train/distill/divergence")]
+        assert min(kl) > 0 and min(trained) > 0
         losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-        assert losses == pytest.approx(kl, rel=1e-4)
+        assert losses == pytest.approx(trained, rel=1e-4)
+        assert (trained == pytest.approx(kl, rel=1e-4)) == (divergence == "reverse")
     assert undocumented(logged) == [], "every metric distillation logs is in the README's schema"
     assert "distill:" in done.stdout and "val/accuracy" in done.stdout  # the start -> end summary
     kl_panel = next(c for c in report.CURVES if c.title == "KL")

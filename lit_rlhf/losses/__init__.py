@@ -16,7 +16,7 @@ from lit_rlhf.losses.correction import (
     masked_is_weights,
     truncated_is_weights,
 )
-from lit_rlhf.losses.distill import full_reverse_kl
+from lit_rlhf.losses.distill import full_forward_kl, full_reverse_kl, generalized_jsd
 from lit_rlhf.losses.kl import KLEstimator, RewardKLEstimator, kl_in_reward, kl_penalty
 from lit_rlhf.losses.policy import (
     GRPO_LOSSES,
@@ -52,7 +52,9 @@ __all__ = [
     "dpo_loss",
     "dr_grpo_loss",
     "dual_clip_loss",
+    "full_forward_kl",
     "full_reverse_kl",
+    "generalized_jsd",
     "grpo_loss",
     "gspo_loss",
     "hinge_loss",

@@ -1,18 +1,19 @@
 """On-policy distillation (GKD, Agarwal et al. 2024, "On-Policy Distillation of Language Models: Learning from
-Self-Generated Mistakes", Eq. 4 with lambda = 1 and D = reverse KL; the Thinking Machines recipe).
+Self-Generated Mistakes", Eq. 4 with lambda = 1; the Thinking Machines recipe).
 
 The student (the policy) samples G completions per prompt exactly as in GRPO (:class:`lit_rlhf.stages.grpo.GRPOModule`,
 whose ``training_step`` this stage runs unchanged); a frozen teacher, any causal LM with the student's tokenizer,
 scores them. ``divergence`` picks what is minimised:
 
-- ``full`` (default; GKD Eq. 4, TRL's ``generalized_jsd_loss`` at beta = 1): on the sampled prefixes (no gradient
-  through sampling), the exact per-token reverse KL over the whole vocabulary, sum_v pi_s(v) (log pi_s(v) - log
-  pi_t(v)) (:func:`lit_rlhf.losses.full_reverse_kl`), token-mean over the batch, differentiated through the student's
-  logits (the ``update`` override: teacher logits without grad per minibatch, then GRPO's clipping, optimizer and
-  scheduler steps). It raises the teacher's preferred tokens even where the student never samples them; the
-  sampled estimate below cannot (it only pushes down what the student samples, which made the default run
-  mode-seek: the KL fell, the accuracy too). Needs ``task_reward_weight`` = 0 and ``beta`` = 0; [mb, R, V] logits:
-  keep ``minibatch_size`` small.
+- ``forward`` (default), ``reverse``, ``jsd`` (GKD Eq. 4 with D = forward KL, reverse KL or the generalised JSD of
+  Eq. 1 at ``jsd_beta``; TRL's ``generalized_jsd_loss`` at beta = 0, 1, jsd_beta; :mod:`lit_rlhf.losses.distill`):
+  on the sampled prefixes (no gradient through sampling), the exact per-token divergence over the whole vocabulary,
+  token-mean over the batch, differentiated through the student's logits (the ``update`` override: teacher logits
+  without grad per minibatch, then GRPO's clipping, optimizer and scheduler steps). The default is ``forward``: the
+  reverse KL's gradient vanishes wherever the student is already certain, so a student that settles on a wrong
+  token early (measured: "Ones: 3 - 0 = 3. The answer is 3." skipping the tens, at probability ~1 against the
+  teacher's e^-12.6) stays there; the forward KL's gradient pi_s - pi_t pulls it to the teacher's token. Needs
+  ``task_reward_weight`` = 0 and ``beta`` = 0; [mb, R, V] logits: keep ``minibatch_size`` small.
 - ``sampled``: the per-token reverse KL estimate k_t = log pi_s(o_t | q, o_<t) - log pi_t(o_t | q, o_<t) is the
   negative per-token reward (:func:`lit_rlhf.advantages.distillation_advantages`) of GRPO's update:
 
@@ -27,10 +28,10 @@ teacher whose tokenizer maps any token to another id is refused at construction.
 the student's own reference (its adapter disabled).
 
 Logged besides GRPO's metrics: ``train/distill/reverse_kl`` (the per-token mean over the batch's completion tokens of
-the full-vocabulary KL, or of k_t with ``sampled``: the reverse KL that training lowers),
-``train/distill/sampled_reverse_kl`` (``full`` only: the mean k_t from the same logits),
-``train/distill/{student,teacher}_logps`` (per-token mean logps of the sampled tokens). Validation is GRPO's: greedy
-decoding, ``val/accuracy`` from the answer verifier, so the held-out accuracy before -> after is GRPO's code.
+the full-vocabulary reverse KL, or of k_t with ``sampled``), ``train/distill/divergence`` (the full-vocabulary
+divergence trained: the loss of the first pass), ``train/distill/sampled_reverse_kl`` (the mean k_t from the same
+logits), ``train/distill/{student,teacher}_logps`` (per-token mean logps of the sampled tokens). Validation is GRPO's:
+greedy decoding, ``val/accuracy`` from the answer verifier, so the held-out accuracy before -> after is GRPO's code.
 
     python -m lit_rlhf.experiments.sft                        # the teacher: runs/sft/export/merged
     python -m lit_rlhf.experiments.distill                    # SmolLM2-135M-Instruct + LoRA learns from it
@@ -62,7 +63,8 @@ class DistillModule(GRPOModule):
     def __init__(
         self,
         teacher: models.ModelSpec = models.ModelSpec(name=SFT_EXPORT, lora=None),
-        divergence: Literal["sampled", "full"] = "full",
+        divergence: Literal["forward", "reverse", "jsd", "sampled"] = "forward",
+        jsd_beta: float = 0.5,
         task_reward_weight: float = 0.0,
         kl_discount: float = 0.0,
         **kwargs,
@@ -71,9 +73,10 @@ class DistillModule(GRPOModule):
         Args:
             teacher: the frozen teacher (name, dtype; ``lora`` must be null): any causal LM whose tokenizer is the
                 student's (``model.policy``). Default: the SFT stage's export.
-            divergence: ``full``: the exact full-vocabulary reverse KL at each sampled prefix, differentiated through
-                the student's logits (GKD Eq. 4, :func:`lit_rlhf.losses.full_reverse_kl`); ``sampled``: the sampled
-                token's log-ratio as a per-token reward through ``loss`` (GRPO's update).
+            divergence: ``forward`` / ``reverse`` / ``jsd``: that exact full-vocabulary divergence at each sampled
+                prefix, differentiated through the student's logits (GKD Eq. 4, :mod:`lit_rlhf.losses.distill`);
+                ``sampled``: the sampled token's log-ratio as a per-token reward through ``loss`` (GRPO's update).
+            jsd_beta: the generalised JSD's beta (``divergence: jsd``; 0 < beta < 1, TRL's convention).
             task_reward_weight: weight of the task rewards' GRPO advantage added to the distillation advantage
                 (0: pure distillation; the rewards are still computed and logged).
             kl_discount: gamma of the reverse-KL reward-to-go; 0: each token's own term (per-token advantages).
@@ -90,10 +93,12 @@ class DistillModule(GRPOModule):
                 f"model.zero_variance_groups={self.hparams.zero_variance_groups}: distillation learns from every "
                 "completion (its per-token signal does not need reward variance); use keep"
             )
-        if divergence == "full" and (task_reward_weight != 0.0 or self.hparams.beta > 0):
+        if divergence == "jsd" and not 0.0 < jsd_beta < 1.0:
+            raise ValueError(f"model.jsd_beta={jsd_beta}: needs 0 < beta < 1 (0 is divergence=forward, 1 reverse)")
+        if divergence != "sampled" and (task_reward_weight != 0.0 or self.hparams.beta > 0):
             raise ValueError(
-                "model.divergence=full minimises the teacher's KL alone: use task_reward_weight=0 and beta=0 "
-                "(or divergence=sampled, which mixes both into GRPO's policy-gradient loss)"
+                f"model.divergence={divergence} minimises the teacher's divergence alone: use task_reward_weight=0 and "
+                "beta=0 (or divergence=sampled, which mixes both into GRPO's policy-gradient loss)"
             )
         self.teacher_spec = teacher
         check_shared_tokenizer(self.tokenizer, load_teacher_tokenizer(teacher), self.spec.name, teacher.name)
@@ -120,7 +125,7 @@ class DistillModule(GRPOModule):
         """Per-token advantages [N, R]: minus the reverse-KL estimate to the teacher, plus ``task_reward_weight``
         times GRPO's task advantages; metrics ``distill/*`` (per-token means, global batch)."""
         hp, mask = self.hparams, rollout.response_mask
-        if hp.divergence == "full":  # the update differentiates the full KL itself (no teacher forward here)
+        if hp.divergence != "sampled":  # the update differentiates the full divergence (no teacher forward here)
             return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device), {}
         student = old_logps if old_logps is not None else rollout.sample_logps
         if student is None:  # a sampler that returns no logps
@@ -139,13 +144,14 @@ class DistillModule(GRPOModule):
             stats.update(task_stats)
         return advantages, stats
 
-    # -- update: the full-vocabulary reverse KL (divergence=full), else GRPO's policy-gradient update -----------------
+    # -- update: a full-vocabulary divergence, else (divergence=sampled) GRPO's policy-gradient update --------------
     def update(self, rollout: Rollout, advantages, old_logps, ref_logps) -> dict[str, float]:
-        """``full``: mu passes of the token-mean full-vocabulary reverse KL over the batch's completion tokens (student
-        logits with grad, teacher logits without, per minibatch), clipped, one optimizer/scheduler step per pass (the
-        first counted), as GRPO's update; metrics ``loss``, ``distill/*`` (pass 0, global per-token means)."""
+        """``forward``/``reverse``/``jsd``: mu passes of the token-mean full-vocabulary divergence over the batch's
+        completion tokens (student logits with grad, teacher logits without, per minibatch), clipped, one
+        optimizer/scheduler step per pass (the first counted), as GRPO's update; metrics ``loss``, ``distill/*``
+        (pass 0, global per-token means)."""
         hp = self.hparams
-        if hp.divergence != "full":
+        if hp.divergence == "sampled":
             return super().update(rollout, advantages, old_logps, ref_logps)
         opt, scheduler, temperature = self.optimizers(), self.lr_schedulers(), self.sampling.temperature
         tokens = global_normalizer(rollout.response_mask.sum())  # minibatch sums / it add up to the global token mean
@@ -161,20 +167,31 @@ class DistillModule(GRPOModule):
                 student, targets = scored_logits(self.policy, mb)
                 with torch.no_grad():
                     teacher = scored_logits(self.teacher, mb)[0][:, : student.shape[-1]]  # the student's vocabulary
-                kl = losses.full_reverse_kl(student, teacher, torch.ones_like(targets), temperature)
-                loss = kl.sum() / tokens
+                ones = torch.ones_like(targets)
+                divergence = self.divergence(student, teacher, ones, temperature)
+                loss = divergence.sum() / tokens
                 self.manual_backward(loss)
-                totals["loss"] = totals.get("loss", 0.0) + float(loss) / hp.num_iterations
+                totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / hp.num_iterations
                 if iteration == 0:
                     s_logps = selective_log_softmax(student.detach() / temperature, targets)
                     t_logps = selective_log_softmax(teacher / temperature, targets)
-                    values = {"reverse_kl": kl.detach(), "sampled_reverse_kl": s_logps - t_logps}
+                    reverse = losses.full_reverse_kl(student.detach(), teacher, ones, temperature)
+                    values = {"reverse_kl": reverse, "divergence": divergence.detach()}
+                    values.update(sampled_reverse_kl=s_logps - t_logps)
                     values.update(student_logps=s_logps, teacher_logps=t_logps)
                     for name, x in values.items():
                         totals[f"distill/{name}"] = totals.get(f"distill/{name}", 0.0) + float(x.sum() / tokens)
             clip_and_step(self, opt, hp.max_grad_norm, count=iteration == 0)
             scheduler.step()
         return totals
+
+    def divergence(self, student_logits, teacher_logits, mask, temperature: float) -> torch.Tensor:
+        """The per-token full-vocabulary divergence ``divergence`` names (:mod:`lit_rlhf.losses.distill`)."""
+        hp = self.hparams
+        if hp.divergence == "jsd":
+            return losses.generalized_jsd(student_logits, teacher_logits, mask, hp.jsd_beta, temperature)
+        kl = losses.full_forward_kl if hp.divergence == "forward" else losses.full_reverse_kl
+        return kl(student_logits, teacher_logits, mask, temperature)
 
 
 def scored_logits(lm: torch.nn.Module, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
