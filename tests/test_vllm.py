@@ -4,12 +4,14 @@ module (the tests reuse it: same tiny config and settings), the bf16 one comes l
 
 Weight sync: after an optimizer step, vLLM's greedy tokens equal the trainer's and its logps of them equal
 ``response_logps`` to ``FP32_TOL`` (full fine-tune, LoRA, tied embeddings alone); a bf16 engine stays within
-``BF16_TOL`` of the fp32 trainer."""
+``BF16_TOL`` of the fp32 trainer. DDP: 2 gloo processes, an engine each on the trainer's group (vLLM's external
+launcher), give the 1-process run's per-step metrics."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 
 import pytest
 import torch
@@ -23,6 +25,8 @@ from lit_rlhf import models, vllm_engine
 from lit_rlhf.logprobs import response_logps
 from lit_rlhf.rollout import SamplingSettings, sample_completions
 from lit_rlhf.types import PromptBatch
+from tests.distributed_runs import run_entry
+from tests.test_distributed import TOL
 from tests.test_report import undocumented
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -180,13 +184,14 @@ def test_tiny_ppo_run_with_the_vllm_backend(tmp_path):
     engine = "--model.vllm=" + json.dumps({"dtype": "float32", "max_model_len": 256, "kv_cache_memory_bytes": 2**25})
     args = ["--config", os.path.join(ROOT, "experiments", "ppo", "tiny.yaml"), "--output_dir", str(tmp_path),
             "--trainer.enable_progress_bar=false", "--model.rollout_backend=vllm", engine, "--export=false",
-            "--trainer.max_steps=2"]  # fmt: skip
+            "--trainer.max_steps=2", "--model.rollout_correction.mode=tis"]  # fmt: skip
     main(args=args)
     summary = json.loads((tmp_path / "final_metrics.json").read_text())
     metrics = {**summary["train_last"], **summary["end"]}
     assert torch.isfinite(torch.tensor(metrics["train/loss"])) and summary["global_step"] == 2
     assert metrics["train/rollout/logp_diff/max"] < FP32_TOL
-    assert "val/rewards/mean" in metrics
+    assert abs(metrics["train/rollout_correction/weight_max"] - 1) < 10 * FP32_TOL  # TIS on PPO's loss: weights ~1
+    assert "val/rewards/mean" in metrics and undocumented(set(metrics) | set(summary["start"])) == []
 
 
 def test_grpo_resumed_with_the_vllm_backend_matches_uninterrupted(tmp_path):
@@ -209,6 +214,70 @@ def test_grpo_resumed_with_the_vllm_backend_matches_uninterrupted(tmp_path):
     full, resumed = last(tmp_path / "full"), last(tmp_path / "cut")
     for key in ("train/loss", "train/rewards/mean", "train/completions/mean_length", "train/kl", "train/entropy"):
         assert resumed[key] == pytest.approx(full[key], abs=1e-6), key
+
+
+ENGINE_ARG = "--model.vllm=" + json.dumps({"dtype": "float32", "max_model_len": 256, "kv_cache_memory_bytes": 2**25})
+DDP_ARGS = ("--config", "experiments/grpo/tiny.yaml", "--trainer.max_steps=2", "--trainer.val_check_interval=8",
+            "--model.minibatch_size=4", "--model.table_every_n_steps=0", "--data.num_val=4", "--data.val_batch_size=2",
+            "--validate_before_fit=false", "--export=false", "--model.rollout_backend=vllm", ENGINE_ARG)  # fmt: skip
+DDP_KEYS = ("train/loss", "train/kl", "train/rewards/mean", "train/completions/mean_length", "train/entropy")
+
+
+def test_two_ddp_processes_with_the_vllm_backend_match_one(tmp_path):
+    """GRPO under DDP, 2 gloo processes (Lightning's launcher, as tests/test_distributed.py): each rank's engine joins
+    the trainer's group (external launcher) and samples its own prompts, seeded from the global batch's noise, so the
+    run's per-step metrics and final held-out metrics equal one process's at the same global batch (``TOL``). The
+    logged ``logp_diff/max`` is the mean over ranks of each rank's max (>= 0): below FP32_TOL / 2, so below FP32_TOL on
+    each rank at every step (the engines were synced after each update). The runs end cleanly (exit 0; the engine's
+    shutdown leaves the trainer's group to the end-of-run barrier)."""
+    single = run_entry("grpo", tmp_path / "single", *DDP_ARGS, "--data.batch_size=4", timeout=900)
+    multi = run_entry("grpo", tmp_path / "ddp", *DDP_ARGS, "--data.batch_size=2", "--trainer.devices=2",
+                      "--trainer.strategy=ddp", timeout=900)  # fmt: skip
+    assert "MEMBER: 2/2" in multi["log"]  # Lightning's line for rank 1 of 2: two processes really ran
+    assert "external launcher" in multi["log"].lower() and "terminate called" not in multi["log"]
+    assert single["global_step"] == multi["global_step"] == 2
+    for step in (0, 1):
+        assert single["steps"][step]["train/rollout/logp_diff/max"] < FP32_TOL, step
+        assert multi["steps"][step]["train/rollout/logp_diff/max"] < FP32_TOL / 2, step
+        for key in DDP_KEYS:
+            assert multi["steps"][step][key] == pytest.approx(single["steps"][step][key], **TOL), (step, key)
+    assert single["end"] and set(single["end"]) == set(multi["end"])
+    for key, value in single["end"].items():
+        assert multi["end"][key] == pytest.approx(value, **TOL), key
+    report("DDP, max logp_diff/max over steps", max(multi["steps"][s]["train/rollout/logp_diff/max"] for s in (0, 1)))
+
+
+def test_an_engine_on_an_existing_group_leaves_it_and_lora_under_fsdp2_is_refused(tok):
+    """With a process group already there (a 1-process gloo group here, as DDP's), the engine joins it (external
+    launcher), samples in sync, and its shutdown destroys only vLLM's own subgroups: the trainer's group survives.
+    A LoRA policy sharded by FSDP2 is refused with a ValueError naming the option and DDP, before any engine work."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    vllm_engine.release()  # the module's engine (without a group, vLLM made a default group: it goes with it)
+    assert not torch.distributed.is_initialized()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    rank_env = os.environ.get("RANK")
+    try:
+        lm = models.load_causal_lm(models.ModelSpec(name="tiny", lora=None))
+        diff, same = agreement(lm, tok)
+        assert vllm_engine._ENGINE.joined and same and diff < FP32_TOL
+        assert os.environ.get("RANK") == rank_env  # set only while the engine starts
+        vllm_engine.release()
+        assert torch.distributed.is_initialized()  # the trainer's group is left to the trainer
+        torch.distributed.barrier()
+        lora = models.load_causal_lm(models.ModelSpec(name="tiny", lora=models.LoRASettings(r=4, alpha=8)))
+        fully_shard(lora, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(ValueError, match=r"LoRA .* under FSDP2.*--trainer\.strategy=ddp"):
+            sample_completions(lora, tok, prompts(tok), 1, SamplingSettings(4, 0.0), None, "vllm", ENGINE)
+        assert vllm_engine._ENGINE is None  # refused before an engine was started
+    finally:
+        vllm_engine.release()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def test_bf16_engine_against_the_fp32_trainer(tok):

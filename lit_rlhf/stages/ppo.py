@@ -12,12 +12,10 @@ reward model and/or reward functions, :mod:`lit_rlhf.rewards`; frozen). ``traini
 4. update: ``ppo_epochs`` x shuffled minibatches: clipped surrogate (PPO Eq. 7) minus ``entropy_coef`` x entropy
    (actor) and clipped value loss (critic) in one backward, one step of each optimizer; stops once a minibatch's
    approx-KL to the sampling policy exceeds ``target_kl``;
-5. KL coefficient (:mod:`lit_rlhf.kl_control`: fixed, or adaptive, Ziegler et al. §2.2); learning-rate schedules;
-6. log.
+5. KL coefficient (:mod:`lit_rlhf.kl_control`: fixed or adaptive, Ziegler et al. §2.2); learning-rate schedules; 6. log.
 
-One training step is one rollout batch: ``trainer.max_steps``, ``trainer.global_step``, the progress bar and the W&B
-step count PPO iterations, however many actor and critic steps each takes (:func:`lit_rlhf.optim.clip_and_step`
-counts the first actor step); both learning-rate schedules step once per iteration, over ``max_steps``.
+One training step is one rollout batch (``trainer.max_steps``, ``global_step``, the progress bar and W&B count PPO
+iterations; :func:`lit_rlhf.optim.clip_and_step` counts the first actor step); both schedules step once per iteration.
 
 DDP or FSDP2 (sharding policy, reference and a separate critic; the reward model is replicated) give the
 single-process update at the same global batch when a rank's minibatch is its whole batch: sampling noise is drawn
@@ -90,6 +88,7 @@ class PPOModule(L.LightningModule):
         critic_optimizer: OptimizerSettings = OptimizerSettings(lr=3e-4),
         rollout_backend: Literal["kv_cache", "vllm"] = "kv_cache",
         vllm: vllm_engine.VLLMSettings = vllm_engine.VLLMSettings(),
+        rollout_correction: objectives.RolloutCorrection = objectives.RolloutCorrection(),
         peak_flops: float = 200e9,
         table_rows: int = 8,
         table_every_n_steps: int = 10,
@@ -123,6 +122,7 @@ class PPOModule(L.LightningModule):
             critic_optimizer: AdamW + schedule of the critic.
             rollout_backend: sampler: ``kv_cache`` (built-in, batched, KV-cached) or ``vllm`` (:mod:`.vllm_engine`).
             vllm: the vLLM engine's settings (``rollout_backend: vllm``).
+            rollout_correction: importance weights on the policy loss for the sampler-trainer mismatch (as GRPO's).
             peak_flops: peak FLOP/s of one device, for MFU (CPU here: ~200e9 fp32; H100: ~989e12 bf16).
             table_rows: completions per W&B sample table.
             table_every_n_steps: log a table of training samples every this many steps.
@@ -139,7 +139,7 @@ class PPOModule(L.LightningModule):
         self.temperature = sampling.temperature or 1.0  # of the logps (greedy decoding: the untempered distribution)
         self.composer = RewardComposer(rewards) if rewards else None
         self.kl_ctl, self.moments = build_kl_controller(kl), RunningMoments()
-        self.policy_loss = objectives.ppo_policy_loss(policy_loss, clip_range, dual_clip_c)
+        self.policy_loss = objectives.ppo_corrected_loss(policy_loss, clip_range, dual_clip_c, rollout_correction)
         self.policy, self.val_means, self.throughput, self._val_rows = None, PhaseMeans(), Throughput(peak_flops), []
 
     # -- networks -------------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ class PPOModule(L.LightningModule):
         coef = self.hparams.entropy_coef
         lm = LogitsRecorder(self.policy) if coef != 0 else self.policy
         logps = rollout_logps(lm, mb.rollout, self.temperature).logps
-        loss, metrics = self.policy_loss(logps, mb.old_logps, mb.advantages, mb.mask)
+        loss, metrics = self.policy_loss(logps, mb.old_logps, mb.advantages, mb.mask, mb.rollout.sample_logps)
         metrics = {**metrics, "loss": loss.detach()}
         if coef != 0:
             loss = loss - coef * masked_mean(lm.entropy(mb.rollout, self.temperature), mb.mask)
