@@ -21,17 +21,30 @@ A pipeline spec (``experiments/pipeline/<name>.yaml``) describes the chain in on
         inputs: {model.policy.name: sft, model.reward_model.path: rm}
 
 Each step runs with ``--output_dir <run dir>/<step>``, its ``overrides`` and ``inputs`` (an earlier step's
-``export/merged`` by path), and ``--wandb.group=<run name>`` (one group per pipeline run; ``--run-name`` names a
-fresh run, default: the spec's ``name``). Resumable: a step whose ``final_metrics.json`` and ``export/merged`` exist
-is done and skipped; a step that left a checkpoint resumes from it (``--ckpt_path``); ``skip: true`` in the spec or
-``--skip STEP`` skips a step whose export already exists; ``--force STEP`` reruns one from scratch (``--overwrite``).
+``export/merged`` by path; ``<step>:<path>`` names another file of its run directory, e.g.
+``grpo:export/online_rm/merged``), and ``--wandb.group=<run name>`` (one group per pipeline run; ``--run-name`` names
+a fresh run, default: the spec's ``name``).
+
+Iterative RL (DeepSeekMath, Shao et al. 2024, §4.1.4): ``iterations: K`` runs a step K times, as the steps
+``<step>-1`` ... ``<step>-K`` (:func:`expand_iterations`): the first as written, each later one with the options of
+``carry`` (option -> path in the previous iteration's run directory; default ``{model.policy.name: export/merged}``)
+set to the previous iteration's files instead of its inputs or overrides of those options; later steps' inputs that
+name the step get its last iteration. So each iteration starts from the previous one's policy, which is also its
+reference (a fresh LoRA adapter on it, disabled; or a frozen copy), and with a GRPO online reward model
+(:mod:`lit_rlhf.online_rm`) carried by ``model.online_rm.model.name: export/online_rm/merged`` and
+``model.online_rm.replay_from: export/online_rm/replay.jsonl`` the RM keeps training on each iteration's samples
+with replay of the earlier ones (``experiments/pipeline/sft-rm-grpo-online-smollm2.yaml``).
+
+Resumable: a step whose ``final_metrics.json`` and ``export/merged`` exist is done and skipped; a step that left a
+checkpoint resumes from it (``--ckpt_path``); ``skip: true`` in the spec or ``--skip STEP`` skips a step whose export
+already exists; ``--force STEP`` reruns one from scratch (``--overwrite``).
 
     python -m lit_rlhf.experiments.pipeline plan experiments/pipeline/sft-rm-ppo-smollm2.yaml
     python -m lit_rlhf.experiments.pipeline run experiments/pipeline/sft-rm-ppo-smollm2.yaml
     python -m lit_rlhf.experiments.pipeline run experiments/pipeline/sft-rm-ppo-tiny.yaml --in-process --run-name ci
     sbatch slurm/train.sbatch pipeline run experiments/pipeline/sft-dpo-grpo-smollm2.yaml   # one job, steps in turn
 
-Pure functions (tested): :func:`load_pipeline`, :func:`step_args`, :func:`step_status`.
+Pure functions (tested): :func:`load_pipeline`, :func:`expand_iterations`, :func:`step_args`, :func:`step_status`.
 """
 
 from __future__ import annotations
@@ -43,7 +56,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +79,8 @@ class Step:
     overrides: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
     skip: bool = False
+    iterations: int = 1
+    carry: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -101,17 +116,53 @@ def load_pipeline(path: str | Path) -> PipelineSpec:
         where = f"{path}: steps[{i}]"
         s = _mapping(s, where)
         _check_keys(s, set(Step.__dataclass_fields__), where)
-        for key in ("overrides", "inputs"):
+        for key in ("overrides", "inputs", "carry"):
             s[key] = _mapping(s.get(key) or {}, f"{where}.{key}")
+        iterations = s.get("iterations", 1)
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+            raise ValueError(f"{where}.iterations must be an integer >= 1, got {iterations!r}")
         steps.append(Step(**s))
     spec = PipelineSpec(
         name=raw["name"],
-        steps=steps,
+        steps=expand_iterations(steps),
         output_root=raw.get("output_root") or "runs/pipelines",
         tags=raw.get("tags") or [],
     )
     validate(spec, str(path))
     return spec
+
+
+def _source(value: str) -> tuple[str, str]:
+    """(step, path in its run directory) of an input value ``step`` (its ``export/merged``) or ``step:path``."""
+    step, _, path = str(value).partition(":")
+    return step, path or EXPORT
+
+
+def expand_iterations(steps: list[Step]) -> list[Step]:
+    """Each step with ``iterations`` K > 1 (or a ``carry``) as K steps ``<name>-1`` ... ``<name>-K``; see the module
+    docstring. Inputs of later steps naming such a step are renamed to its last iteration."""
+    out: list[Step] = []
+    last: dict[str, str] = {}  # iterated step -> its last iteration's name
+
+    def renamed(value: str) -> str:
+        source, path = _source(value)
+        return f"{last[source]}:{path}" if source in last else value
+
+    for step in steps:
+        inputs = {k: renamed(v) for k, v in step.inputs.items()}
+        if step.iterations == 1 and not step.carry:
+            out.append(replace(step, inputs=inputs))
+            continue
+        carry = step.carry or {"model.policy.name": EXPORT}
+        names = [f"{step.name}-{i}" for i in range(1, step.iterations + 1)]
+        out.append(replace(step, name=names[0], inputs=inputs, iterations=1, carry={}))
+        overrides = {k: v for k, v in step.overrides.items() if k not in carry}
+        for previous, name in zip(names, names[1:]):
+            carried = {k: f"{previous}:{path}" for k, path in carry.items()}
+            inputs = {**{k: v for k, v in inputs.items() if k not in carry}, **carried}
+            out.append(replace(step, name=name, inputs=inputs, overrides=overrides, iterations=1, carry={}))
+        last[step.name] = names[-1]
+    return out
 
 
 def validate(spec: PipelineSpec, source: str = "pipeline spec") -> None:
@@ -131,7 +182,8 @@ def validate(spec: PipelineSpec, source: str = "pipeline spec") -> None:
             raise ValueError(f"{where}: unknown stage {step.stage!r}; choose one of {list(STAGES)}")
         if step.config is not None and not Path(step.config).is_file():
             raise ValueError(f"{where}: config {step.config!r} not found (paths are relative to the working directory)")
-        for key, source_step in step.inputs.items():
+        for key, value in step.inputs.items():
+            source_step = _source(value)[0]
             if source_step not in seen:
                 raise ValueError(f"{where}: input {key} <- {source_step!r} must name an earlier step; earlier: {seen}")
         clash = sorted(set(step.inputs) & set(step.overrides))
@@ -158,7 +210,7 @@ def step_args(spec: PipelineSpec, step: Step, run_dir: str | Path, run_name: str
     args = ["--config", step.config] if step.config else []
     args += ["--output_dir", str(run_dir / step.name)]
     args += [f"--{k}={format_value(v)}" for k, v in step.overrides.items()]
-    args += [f"--{k}={run_dir / source / EXPORT}" for k, source in step.inputs.items()]
+    args += [f"--{k}={run_dir.joinpath(*_source(value))}" for k, value in step.inputs.items()]
     tags = [spec.name, step.stage, *spec.tags]
     return args + [
         f"--wandb.group={run_name}",

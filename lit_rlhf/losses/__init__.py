@@ -7,7 +7,7 @@
 - :mod:`.ppo`        — PPO clipped and dual-clip policy losses (``PPO_POLICY_LOSSES``), clipped value loss
 - :mod:`.correction` — rollout correction: truncated / masked importance weights (``ROLLOUT_CORRECTIONS``)
 - :mod:`.selection`  — token selection: top-entropy mask, off-policy sequence mask
-- :mod:`.reward`     — reward-model losses (Bradley–Terry, pointwise, K-wise ranking, centering, PRM steps)
+- :mod:`.reward`     — reward-model losses (Bradley–Terry, pointwise, K-wise ranking, centering, PRM steps, outcome BCE)
 """
 
 from lit_rlhf.losses.correction import (
@@ -32,6 +32,7 @@ from lit_rlhf.losses.ppo import PPO_POLICY_LOSSES, ppo_dual_clip_loss, ppo_polic
 from lit_rlhf.losses.preference import PREFERENCE_LOSSES, dpo_loss, hinge_loss, ipo_loss, robust_dpo_loss
 from lit_rlhf.losses.reward import (
     bradley_terry_loss,
+    outcome_bce_loss,
     pointwise_regression_loss,
     ranking_loss,
     reward_centering_penalty,
@@ -64,6 +65,7 @@ __all__ = [
     "logp_diff_metrics",
     "masked_is_weights",
     "off_policy_sequence_mask",
+    "outcome_bce_loss",
     "pointwise_regression_loss",
     "ppo_dual_clip_loss",
     "ppo_policy_loss",

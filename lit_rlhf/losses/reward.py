@@ -10,6 +10,9 @@
 - ``step_bce_loss``:              mean over labelled steps of               process reward model: per-step
                                   -[y log s(r) + (1 - y) log(1 - s(r))]     correctness (Lightman et al. 2023,
                                                                            "Let's Verify Step by Step", §2.6)
+- ``outcome_bce_loss``:           mean over completions of                 outcome reward model as a verifier
+                                  -[y log s(r) + (1 - y) log(1 - s(r))]     (Cobbe et al. 2021 §3; Lightman et al.
+                                                                           2023 §2.5 ORM): y = answer correct
 """
 
 from __future__ import annotations
@@ -70,3 +73,13 @@ def step_bce_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
     logits, labels = logits.masked_fill(~mask, 0.0), labels.to(logits.dtype).masked_fill(~mask, 0.0)
     losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
     return (losses * mask).sum() / mask.sum().clamp(min=1)
+
+
+def outcome_bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Scalar binary cross-entropy of outcome-RM logits [B] (one score per completion) against 0/1 labels [B] (the
+    answer verifier's correct/wrong), averaged over the batch: sigmoid(logit) is the predicted probability that the
+    completion is correct, so a logit > 0 is the RM's verdict "correct". For labelled single completions (the online
+    RM, :mod:`lit_rlhf.online_rm`): Bradley–Terry needs pairs and leaves the offset free. 0 for an empty batch."""
+    if logits.numel() == 0:
+        return logits.sum()
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="mean")

@@ -6,27 +6,19 @@ completion gets the group-relative advantage A_i = (r_i - mean(r)) / (std(r) + e
 
     -1/G sum_i 1/|o_i| sum_t [ min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) - beta KL_k3(pi || pi_ref) ]
 
-Variants are picked by name (:mod:`lit_rlhf.objectives`): ``loss`` = grpo | dapo | dr_grpo | gspo | dual_clip | cispo |
-sapo (:mod:`lit_rlhf.losses.policy`), ``advantage_estimator``, ``kl_estimator``, ``kl_placement``, token masks (top
-entropy, off-policy). ``beta = 0`` loads no reference; the reference is the policy with its LoRA adapter disabled, or a
-frozen copy. A completion no reward function scored (all None/NaN) is left out of its group's statistics and gets
-advantage 0. Settings that cannot learn are refused at construction (:func:`lit_rlhf.advantages.check_grpo_settings`).
+Variants are picked by name (:mod:`lit_rlhf.objectives`): ``loss`` (:mod:`lit_rlhf.losses.policy`),
+``advantage_estimator``, ``kl_estimator``, ``kl_placement``, token masks (top entropy, off-policy). ``beta = 0`` loads
+no reference; the reference is the policy with its LoRA adapter disabled, or a frozen copy. A completion no reward
+function scored (all None/NaN) gets advantage 0, outside its group's statistics. Settings that cannot learn are refused.
 
-``training_step`` is the whole algorithm, top to bottom: (1) sample G completions per prompt
-(:func:`lit_rlhf.rollout.sample_completions`), (2) score, (3) groups whose rewards are all equal are counted, then kept,
-dropped, or replaced (DAPO dynamic sampling, Yu et al. 2025 §3.2: fresh prompts until the batch holds ``batch_size``
-groups with signal, at most ``max_resample_rounds`` extra rounds), (4) old logps (mu = ``num_iterations`` > 1 or KL in
-the reward; with mu = 1 the ratio is exactly 1), reference logps, then advantages, (5) mu passes over the batch in
-minibatches with gradient accumulation, clipping and one optimizer step per pass, (6) log.
+``training_step``, top to bottom: (1) sample G completions per prompt, (2) score them (an online RM,
+:mod:`lit_rlhf.online_rm`, then learns from them), (3) count all-equal groups; keep, drop or replace them (DAPO),
+(4) old and reference logps, advantages, (5) mu passes of minibatches, one optimizer step each, (6) log.
 
-One training step is one rollout batch (``max_steps``, ``global_step``, progress bar, W&B step;
-:func:`lit_rlhf.optim.clip_and_step` counts the first of the mu optimizer steps); the learning-rate schedule steps once
-per optimizer step, over ``max_steps`` x mu steps. Each minibatch loss is weighted by its share of the global normaliser
-(sequences, or tokens for dapo; :func:`lit_rlhf.distributed.global_normalizer`), so any minibatch size and number of
-ranks give the full-batch gradient. A group never spans ranks and the sampling noise is drawn for the global batch, so 1
-or W processes sample the same completions. FSDP2 (``--trainer.strategy=fsdp2``) shards the policy and the frozen
-reference; the ranks decode in lockstep, which needs ``zero_variance_groups=keep``. Validation decodes the held-out
-prompts greedily: ``val/accuracy`` (:func:`lit_rlhf.rewards.is_correct`), rewards.
+One training step is one rollout batch (``max_steps``, ``global_step``, W&B step; the first of mu optimizer steps
+counts); the schedule steps per optimizer step. Minibatch losses are weighted by their share of the global normaliser,
+so any minibatch size and number of ranks give the full-batch gradient; groups never span ranks, sampling noise is drawn
+for the global batch. FSDP2 shards policy and reference; ranks decode in lockstep (``zero_variance_groups=keep``).
 
     python -m lit_rlhf.experiments.grpo                                   # SmolLM2-135M + LoRA, arithmetic, CPU
     python -m lit_rlhf.experiments.grpo --config experiments/grpo/tiny.yaml --output_dir runs/grpo-tiny
@@ -43,6 +35,7 @@ import lightning as L
 import torch
 
 from lit_rlhf import losses, models, objectives, vllm_engine
+from lit_rlhf import online_rm as orm
 from lit_rlhf.advantages import check_grpo_settings, zero_variance_groups
 from lit_rlhf.checkpointing import capture_rng, restore_rng
 from lit_rlhf.distributed import fully_shard_lm, global_normalizer, row_chunks
@@ -64,6 +57,7 @@ class GRPOModule(L.LightningModule):
         rewards: list[RewardSpec] | None = None,
         process_rewards: list[RewardSpec] | None = None,
         step_splitter: str = "auto",
+        online_rm: orm.OnlineRMSettings | None = None,
         num_generations: int = 8,
         sampling: SamplingSettings = SamplingSettings(max_new_tokens=48, temperature=1.0),
         loss: objectives.GRPOLoss = "grpo",
@@ -99,6 +93,7 @@ class GRPOModule(L.LightningModule):
             rewards: reward functions, weights and bound arguments, summed; ``null``: :data:`.rewards.DEFAULT_REWARDS`.
             process_rewards: ``process``: step rewards (:data:`.steps.STEP_REWARDS`); ``null``: arithmetic_steps.
             step_splitter: ``process``: auto, worked, newline, none, or a separator regex (:func:`.steps.split_steps`).
+            online_rm: a reward model scoring the completions, trained on them online (:mod:`.online_rm`).
             num_generations: G, completions sampled per prompt (the group).
             sampling: temperature, top-p, top-k, token budget of the rollouts (validation: greedy); logps at it.
             loss: GRPO-family loss: ``grpo``, ``dapo``, ``dr_grpo``, ``gspo``, ``dual_clip``, ``cispo``, ``sapo``.
@@ -138,6 +133,7 @@ class GRPOModule(L.LightningModule):
         self.spec, self.sampling, self.optim_settings = policy, sampling, optimizer
         self.tokenizer = models.load_tokenizer(policy.name, policy.revision)
         self.rewards = grpo_rewards(rewards, process_rewards, step_splitter, advantage_estimator, sampling)
+        self.rewards = orm.with_online_rm(self.rewards, online_rm, advantage_estimator)
         self.rewards.check_weights("model.rewards")  # all 0: every advantage 0
         weights = tuple((s.name, s.weight) for s in self.rewards.specs)  # gdpo
         settings = dict(group_size=num_generations, max_length=sampling.max_new_tokens, reward_weights=weights)
@@ -172,6 +168,7 @@ class GRPOModule(L.LightningModule):
         scores = self.score(rollout, batch.extras)
         zero_std = zero_variance_groups(scores.total, hp.num_generations).float().mean().item()
         sampled = {**scores.stats(), **completion_stats(rollout), "frac_zero_std_groups": zero_std}
+        sampled.update(orm.observe(self.rewards, rollout, scores, batch.extras))  # online RM: accuracy, update
         # 3. groups with all-equal rewards are kept, dropped or resampled (DAPO)
         rollout, scores, resampled = self.filter_groups(rollout, scores)
         # 4. old logps (mu > 1 or KL in the reward) and reference logps (beta > 0 only), no grad; advantages
@@ -339,12 +336,15 @@ class GRPOModule(L.LightningModule):
         if self._generator is not None:
             checkpoint["sampling_rng"] = self._generator.get_state()
         checkpoint["train_table_rows"] = list(self._train_rows)  # each table version holds every row so far
+        orm.save(self.rewards, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_rng(checkpoint.get("rng"))
         self._generator, self._sampling_state = None, checkpoint.get("sampling_rng")
         self._train_rows = [list(row) for row in checkpoint.get("train_table_rows", [])]
+        orm.load(self.rewards, checkpoint)
 
     def export(self, out_dir: Path, dtype: str | None = None) -> dict[str, str]:
         rank_zero = self.trainer.is_global_zero
-        return models.export_pretrained(self.policy, self.tokenizer, out_dir, self.spec, rank_zero, dtype)
+        written = models.export_pretrained(self.policy, self.tokenizer, out_dir, self.spec, rank_zero, dtype)
+        return {**written, **orm.export(self.rewards, out_dir, rank_zero)}  # online RM: export/online_rm
