@@ -137,6 +137,7 @@ def test_ppo_with_dual_clip_and_reinforce_pp(tmp_path, monkeypatch):
     cli = entry.main(args=[*args, "--model.policy_loss=dual_clip", "--model.advantage_estimator=reinforce_pp"])
     summary = json.loads((tmp_path / "final_metrics.json").read_text())
     train = summary["train_last"]
-    assert spy.calls == 2 and cli.model.policy_loss.func is losses.ppo_dual_clip_loss
+    loss_fn = cli.model.policy_loss.args[0]  # PPO's loss inside the rollout-correction wrapper
+    assert spy.calls == 2 and loss_fn.func is losses.ppo_dual_clip_loss
     assert "train/clip_ratio/dual" in train and torch.isfinite(torch.tensor(train["train/loss"]))
     assert undocumented(set(train)) == []
