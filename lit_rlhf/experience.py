@@ -42,14 +42,15 @@ ScoreNorm = Literal["none", "batch", "running"]
 
 
 def check_ppo_settings(
-    samples_per_prompt: int, ppo_epochs: int, score_clip: float | None, reward_model, rewards
+    samples_per_prompt: int, ppo_epochs: int, score_clip: float | None, reward_model, rewards, online_rm=None
 ) -> None:
     """Refuse PPO settings under which nothing is learned (a ValueError naming the option, its value and why): no
-    reward at all (``reward_model``: its settings or None; ``rewards``: the reward functions' specs or None), or one
-    whose every weight is 0, ``samples_per_prompt < 1`` (no rollout), ``ppo_epochs < 1`` (no update: no training
-    step is ever counted) and ``score_clip <= 0`` (every score clipped to one constant)."""
-    if reward_model is None and not rewards:
-        raise ValueError("PPO needs a reward: set model.reward_model and/or model.rewards")
+    reward at all (``reward_model``: its settings or None; ``rewards``: the reward functions' specs or None;
+    ``online_rm``: the online RM's settings or None), or one whose every weight is 0, ``samples_per_prompt < 1`` (no
+    rollout), ``ppo_epochs < 1`` (no update: no training step is ever counted) and ``score_clip <= 0`` (every score
+    clipped to one constant)."""
+    if reward_model is None and not rewards and online_rm is None:
+        raise ValueError("PPO needs a reward: set model.reward_model, model.rewards and/or model.online_rm")
     if samples_per_prompt < 1:
         raise ValueError(
             f"model.samples_per_prompt={samples_per_prompt} cannot learn: no completion is sampled; set it to 1 or more"
@@ -64,8 +65,8 @@ def check_ppo_settings(
             f"model.score_clip={score_clip} cannot learn: scores are clipped to [-score_clip, score_clip], so every "
             "completion gets the same score. Set a positive bound, or null for no clipping."
         )
-    weights = ([reward_model.weight] if reward_model is not None else []) + [s.weight for s in rewards or []]
-    check_reward_weights(weights, "model.reward_model.weight and model.rewards")
+    weights = [x.weight for x in (reward_model, online_rm, *(rewards or [])) if x is not None]
+    check_reward_weights(weights, "model.reward_model.weight, model.online_rm.weight and model.rewards")
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ CURVES: tuple[Curve, ...] = (  # names of the README's "Metric schema", shared b
         ),
         "max",
     ),
+    Curve("online RM accuracy on fresh samples", ("train/online_rm/accuracy",), "max"),  # before it trains on them
     Curve("completion length", ("train/completions/mean_length", "val/completions/mean_length")),
     Curve("learning rate", ("train/lr", "lr", "lr-AdamW", "lr-Adam")),
     Curve("grad norm", ("train/grad_norm", "grad_norm", "grad_2.0_norm_total")),

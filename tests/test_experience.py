@@ -21,6 +21,7 @@ from lit_rlhf.experience import (
     update_moments,
     validation_metrics,
 )
+from lit_rlhf.online_rm import OnlineRMSettings
 from lit_rlhf.reward_models import RewardModelSettings
 from lit_rlhf.rewards import RewardSpec
 from lit_rlhf.types import Rollout
@@ -287,7 +288,8 @@ def test_score_normalisation_leaves_nan_out():
         ({"score_clip": -1.0}, r"model\.score_clip=-1\.0 cannot learn"),
         (
             {"rewards": [RewardSpec("numeric_correctness", 0.0)]},
-            r"model\.reward_model\.weight and model\.rewards cannot learn: every reward weight is 0 \(\[0\.0\]\)",
+            r"model\.reward_model\.weight, model\.online_rm\.weight and model\.rewards cannot learn: "
+            r"every reward weight is 0 \(\[0\.0\]\)",
         ),
         (
             {"reward_model": RewardModelSettings(path="rm", weight=0.0), "rewards": [RewardSpec("strict_format", 0.0)]},
@@ -315,3 +317,8 @@ def test_ppo_settings_that_can_learn_pass():
     assert check_ppo_settings(2, 1, 5.0, rm, logged_only) is None
     with pytest.raises(ValueError, match="cannot learn"):  # the same functions without the reward model
         check_ppo_settings(2, 1, 5.0, None, logged_only)
+    # an online RM alone is a reward; at weight 0 beside logged-only functions it is not
+    assert check_ppo_settings(2, 1, 5.0, None, None, OnlineRMSettings()) is None
+    assert check_ppo_settings(2, 1, 5.0, None, logged_only, OnlineRMSettings()) is None
+    with pytest.raises(ValueError, match=r"every reward weight is 0 \(\[0\.0, 0\.0\]\)"):
+        check_ppo_settings(2, 1, 5.0, None, logged_only, OnlineRMSettings(weight=0.0))

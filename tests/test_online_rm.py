@@ -242,6 +242,59 @@ def test_grpo_with_an_online_rm_end_to_end_and_resumed_equals_uninterrupted(tmp_
     assert all(torch.allclose(v, b[k], atol=1e-6) for k, v in a.items())
 
 
+# ------------------------------------------------------------------------------------------------ PPO end to end
+def ppo_run(out: Path, *extra: str) -> dict[int, dict[str, float]]:
+    from lit_rlhf.experiments.ppo import main
+
+    config = str(ROOT / "experiments" / "ppo" / "tiny-online-rm.yaml")
+    args = ["--config", config, "--output_dir", str(out), "--wandb.mode=disabled", "--checkpoint_every_n_steps=1"]
+    main(args=[*args, "--validate_before_fit=false", *extra])
+    return step_metrics(out)
+
+
+@pytest.mark.slow
+def test_ppo_with_an_online_rm_end_to_end_and_resumed_equals_uninterrupted(tmp_path):
+    """PPO's tiny-online-rm.yaml (4 iterations of 4 completions, RM updates at 2 and 4): the RM is the whole reward
+    (the rule is logged at weight 0), its metrics every iteration, every metric documented; the export holds the RM and
+    its labelled examples; resumed from the iteration-2 checkpoint, iterations 3-4 and the RM equal the uninterrupted
+    run's. A frozen RM (update_every 0) logs the same first-iteration accuracy and exports no update."""
+    from transformers import AutoModelForSequenceClassification
+
+    full = ppo_run(tmp_path / "full")
+    train = {s: m for s, m in sorted(full.items()) if "train/rewards/mean" in m}
+    assert len(train) == 4
+    for m in train.values():  # the total reward is the RM's score: weight 1 x logit + 0 x rule
+        assert m["train/rewards/mean"] == pytest.approx(m["train/rewards/online_rm/mean"], abs=1e-5)
+        assert 0 <= m["train/online_rm/accuracy"] <= 1
+    assert [m["train/online_rm/updates"] for m in train.values()] == [0, 1, 1, 2]
+    assert undocumented({k for m in full.values() for k in m}) == []
+    export = tmp_path / "full" / "export" / "online_rm"
+    assert AutoModelForSequenceClassification.from_pretrained(export / "merged").config.num_labels == 1
+    examples = len((export / "replay.jsonl").read_text().splitlines())
+    assert 0 < examples <= 4 * 4  # iterations x completions, the ungradable ones left out
+
+    resumed = ppo_run(tmp_path / "resumed", "--ckpt_path", str(tmp_path / "full" / "checkpoints" / "step=2.ckpt"))
+    later = {s: m for s, m in resumed.items() if "train/rewards/mean" in m}
+    assert sorted(later) == sorted(train)[2:]
+    keys = ["train/rewards/mean", "train/kl", "train/online_rm/accuracy", "train/online_rm/loss", "train/value_loss",
+            "train/online_rm/buffer_size"]  # fmt: skip
+    for step in later:
+        for key in keys:
+            if key in train[step]:
+                assert later[step][key] == pytest.approx(train[step][key], abs=1e-6), (step, key)
+    a = AutoModelForSequenceClassification.from_pretrained(export / "merged").state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "resumed/export/online_rm/merged").state_dict()
+    assert all(torch.allclose(v, b[k], atol=1e-6) for k, v in a.items())
+
+    frozen = ppo_run(tmp_path / "frozen", "--model.online_rm.update_every=0", "--trainer.max_steps=2")
+    first = {s: m for s, m in sorted(frozen.items()) if "train/rewards/mean" in m}
+    assert [m["train/online_rm/updates"] for m in first.values()] == [0, 0]
+    step1 = min(first)
+    assert first[step1]["train/online_rm/accuracy"] == pytest.approx(train[step1]["train/online_rm/accuracy"])
+    c = AutoModelForSequenceClassification.from_pretrained(tmp_path / "frozen/export/online_rm/merged").state_dict()
+    assert not all(torch.allclose(v, c[k], atol=1e-6) for k, v in a.items())  # the updated RM moved, the frozen not
+
+
 # ------------------------------------------------------------------------------------------------ iterative RL
 def test_iterations_expand_into_steps_that_carry_the_previous_iteration(tmp_path, monkeypatch):
     grpo_config = "experiments/grpo/tiny-online-rm.yaml"

@@ -248,3 +248,19 @@ def test_the_readme_schema_lists_the_shared_names_and_no_old_ones():
     old = ["train/score/mean", "val/score/mean", "train/objective/kl", "val/objective/kl", "val/response_length",
            "perf/completions_per_s", "perf/experience_s", "train/loss/policy", "train/rewards/a/b/mean"]  # fmt: skip
     assert undocumented(old) == sorted(old)
+
+
+def test_an_online_rm_run_gets_its_accuracy_panel_and_an_overlay(tmp_path):
+    """A run with an online-updated RM (``train/online_rm/accuracy``) gets that panel; two such runs (online and
+    frozen) overlay it; a run without the metric does not get the panel."""
+    rows = [{"step": s, "train/rewards/mean": 0.1 * s, "train/online_rm/accuracy": a} for s, a in enumerate([0.5, 0.9])]
+    online = fake_run(tmp_path / "online", rows, stage="ppo")
+    frozen = fake_run(tmp_path / "frozen", [{**r, "train/online_rm/accuracy": 0.4} for r in rows], stage="ppo")
+    run = rp.load_run(online)
+    picks = {c.title: rp.pick(c, "train", run.metrics) for c in rp.CURVES}
+    assert picks["online RM accuracy on fresh samples"] == "train/online_rm/accuracy"
+    curve = next(c for c in rp.CURVES if c.title == "online RM accuracy on fresh samples")
+    assert rp.pick(curve, "train", rp.load_run(fake_run(tmp_path / "plain", PPO_ROWS)).metrics) is None
+    assert report_cli.main([str(online), str(frozen), "--out", str(tmp_path / "cmp")]) == 0
+    assert png_size(tmp_path / "cmp" / "overlay.png")[0] > 0
+    assert "train/online_rm/accuracy" in (tmp_path / "cmp" / "report.md").read_text()

@@ -1,32 +1,25 @@
 """Proximal Policy Optimization for RLHF (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022 §3.5).
 
-Roles: the **actor** (the policy, trained); the **critic** (:mod:`lit_rlhf.critics`: a separate value model from the
-reward model or the policy, or a value head on the policy's frozen base through its own LoRA adapter; trained by its
-own optimizer); the **reference** (the policy with adapters disabled, or a frozen copy); the **reward** (an exported
-reward model and/or reward functions, :mod:`lit_rlhf.rewards`; frozen). ``training_step`` is one PPO iteration:
+Roles: the **actor** (the policy, trained); the **critic** (:mod:`lit_rlhf.critics`: a value model from the reward
+model or the policy, or a value head on the policy's frozen base with its own LoRA adapter; its own optimizer); the
+**reference** (adapters disabled, or a frozen copy); the **reward** (an RM export and/or reward functions, frozen; or
+an online-updated RM, :mod:`lit_rlhf.online_rm`). A training step (what ``max_steps`` counts) is one PPO iteration:
 
 1. rollout: sample completions (:func:`lit_rlhf.rollout.sample_completions`);
-2. score: reward model + reward functions, minus ``missing_eos_penalty`` without EOS, normalised (``score_norm``);
+2. score: RM + reward functions (an online RM then trains), minus ``missing_eos_penalty`` if no EOS; ``score_norm``;
 3. advantages (no grad, :mod:`lit_rlhf.experience`): old/ref logps and values; dense rewards ``-beta KL_t`` per token
    + the clipped score on the last (InstructGPT Eq. 2); GAE (Schulman et al. 2016, Eq. 16), whitened; 0 if no reward;
 4. update: ``ppo_epochs`` x shuffled minibatches: clipped surrogate (PPO Eq. 7) minus ``entropy_coef`` x entropy
-   (actor) and clipped value loss (critic) in one backward, one step of each optimizer; stops once a minibatch's
-   approx-KL to the sampling policy exceeds ``target_kl``;
+   (actor) and clipped value loss (critic) in one backward, one step of each optimizer (the first counts as the
+   global step, :func:`lit_rlhf.optim.clip_and_step`); stops once a minibatch's approx-KL exceeds ``target_kl``;
 5. KL coefficient (:mod:`lit_rlhf.kl_control`: fixed or adaptive, Ziegler et al. §2.2); learning-rate schedules; 6. log.
 
-One training step is one rollout batch (``trainer.max_steps``, ``global_step``, the progress bar and W&B count PPO
-iterations; :func:`lit_rlhf.optim.clip_and_step` counts the first actor step); both schedules step once per iteration.
-
-DDP or FSDP2 (sharding policy, reference and a separate critic; the reward model is replicated) give the
-single-process update at the same global batch when a rank's minibatch is its whole batch: sampling noise is drawn
-for the global batch, scores normalised and advantages whitened over all ranks, losses are token means over all
-ranks' minibatch tokens, the KL controller sees the global KL (smaller minibatches are shuffled per rank). Actor and
-critic share one backward, so under DDP every trainable parameter gets a gradient (no ``find_unused_parameters``).
-Simplification: logps are recomputed after sampling (one extra forward; the first ratio is exactly 1).
+DDP/FSDP2 (policy, reference and a separate critic sharded; reward models replicated) equal one process at the same
+global batch when a rank's minibatch is its whole batch (noise drawn for the global batch; normalisation, whitening,
+token means and the KL over all ranks; one actor + critic backward). Logps are recomputed after sampling (ratio 1).
 
     python -m lit_rlhf.experiments.ppo                                   # SmolLM2-135M + LoRA, rule reward, CPU
     python -m lit_rlhf.experiments.ppo --config experiments/ppo/tiny.yaml --output_dir runs/ppo-tiny
-    sbatch slurm/train.sbatch ppo --config experiments/ppo/qwen2.5-0.5b-imdb.yaml
 """
 
 from __future__ import annotations
@@ -40,6 +33,7 @@ import lightning as L
 import torch
 
 from lit_rlhf import critics, experience, models, objectives, reward_models, vllm_engine
+from lit_rlhf import online_rm as orm
 from lit_rlhf.critics import CriticSettings
 from lit_rlhf.distributed import fully_shard_lm, fully_shard_root, global_masked_whiten, global_normalizer, rank_mean
 from lit_rlhf.experience import Experience, LogitsRecorder, RunningMoments, ScoreNorm
@@ -65,6 +59,7 @@ class PPOModule(L.LightningModule):
         critic: CriticSettings = CriticSettings(init="shared_base"),
         reward_model: RewardModelSettings | None = None,
         rewards: list[RewardSpec] | None = None,
+        online_rm: orm.OnlineRMSettings | None = None,
         sampling: SamplingSettings = SamplingSettings(max_new_tokens=24, temperature=0.7),
         samples_per_prompt: int = 1,
         ppo_epochs: int = 2,
@@ -99,6 +94,7 @@ class PPOModule(L.LightningModule):
             critic: the value model: ``reward_model``, ``policy`` or ``shared_base`` init, its LoRA.
             reward_model: an exported sequence-classification reward model scoring each completion; null: none.
             rewards: reward functions, weights and kwargs, added to the score; null: the defaults without an RM.
+            online_rm: an outcome RM scoring every completion, trained on verifier-labelled samples (GRPO's).
             sampling: rollout settings (token budget, temperature, top-k/top-p).
             samples_per_prompt: completions sampled per prompt.
             ppo_epochs: passes over each rollout batch.
@@ -131,14 +127,15 @@ class PPOModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only trainable weights (set before FSDP2 loads)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        rewards = list(DEFAULT_REWARDS) if reward_model is None and rewards is None else rewards
-        experience.check_ppo_settings(samples_per_prompt, ppo_epochs, score_clip, reward_model, rewards)
+        rewards = list(DEFAULT_REWARDS) if reward_model is None and rewards is None and online_rm is None else rewards
+        experience.check_ppo_settings(samples_per_prompt, ppo_epochs, score_clip, reward_model, rewards, online_rm)
         self.spec, self.critic_settings, self.reward_settings, self.sampling = policy, critic, reward_model, sampling
         self.kl_settings, self.actor_optim, self.critic_optim = kl, optimizer, critic_optimizer
         self.tokenizer = models.load_tokenizer(policy.name, policy.revision)
         self.temperature = sampling.temperature or 1.0  # of the logps (greedy decoding: the untempered distribution)
-        self.composer = RewardComposer(rewards) if rewards else None
-        self.kl_ctl, self.moments = build_kl_controller(kl), RunningMoments()
+        composer = RewardComposer(rewards or []) if rewards or online_rm else None
+        self.composer = orm.with_online_rm(composer, online_rm, advantage_estimator) if online_rm else composer
+        self.kl_ctl, self.moments, self._rng_states = build_kl_controller(kl), RunningMoments(), ()
         self.policy_loss = objectives.ppo_corrected_loss(policy_loss, clip_range, dual_clip_c, rollout_correction)
         self.policy, self.val_means, self.throughput, self._val_rows = None, PhaseMeans(), Throughput(peak_flops), []
 
@@ -168,7 +165,7 @@ class PPOModule(L.LightningModule):
         rollout = self.generate(batch, self.generator)
         clock.append(time.perf_counter())
         # 2. score (reward model + reward functions), minus the missing-EOS penalty, normalised over all ranks
-        raw_scores, score_stats = self.score(rollout, batch)
+        raw_scores, score_stats = self.score(rollout, batch, observe=True)
         scores = self.normalize(raw_scores, rollout.truncated)
         # 3. advantages: old/ref logps and values (no grad); dense rewards (-beta KL per token, score on the last); GAE
         exp = self.make_experience(rollout, scores)
@@ -190,11 +187,11 @@ class PPOModule(L.LightningModule):
         n, backend = self.hparams.samples_per_prompt, (self.hparams.rollout_backend, self.hparams.vllm)
         return sample_completions(self.policy, self.tokenizer, batch, n, self.sampling, generator, *backend)
 
-    def score(self, rollout: Rollout, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Reward model + reward functions: (scores [N] before penalty, NaN where none scored; per-source stats)."""
-        index = rollout.prompt_index.tolist()
+    def score(self, rollout: Rollout, batch: PromptBatch, observe: bool = False) -> tuple[torch.Tensor, dict]:
+        """RM + reward functions: (scores [N] before penalty, NaN where none scored; per-source stats); ``observe``:
+        an online RM's metrics on these completions, then its update (training only)."""
+        scores, stats, index = None, {}, rollout.prompt_index.tolist()
         prompts = [batch.prompts[i] for i in index]
-        scores, stats = None, {}
         if self.reward_model is not None:
             finished = (~rollout.truncated).tolist()
             rm = self.reward_model.score_texts(scoring_texts(prompts, rollout.completions, finished, self.suffix))
@@ -205,11 +202,11 @@ class PPOModule(L.LightningModule):
             result = self.composer(prompts, rollout.completions, columns)
             scores = add_rewards(scores, result.total)
             stats.update({k: v for k, v in result.stats().items() if k.count("/") == 2})
+            stats.update(orm.observe(self.composer, rollout, result, batch.extras) if observe else {})
         return scores.to(self.device), stats
 
     def normalize(self, scores: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
-        """Minus ``missing_eos_penalty`` where ``truncated``, then ``score_norm`` over the scores of all ranks
-        (gathered; equal rollouts per rank); this rank's part."""
+        """Minus ``missing_eos_penalty`` where ``truncated``, then ``score_norm`` over all ranks; this rank's part."""
         scores = experience.apply_missing_eos_penalty(scores, truncated, self.hparams.missing_eos_penalty)
         mode, world = self.hparams.score_norm, self.trainer.world_size
         if mode == "none":
@@ -237,9 +234,8 @@ class PPOModule(L.LightningModule):
 
     def update(self, exp: Experience) -> dict[str, float]:
         """``ppo_epochs`` passes over shuffled minibatches; each: actor and critic loss in one backward (disjoint
-        parameters: each optimizer gets its own loss's gradient), one step of each optimizer (the first actor step is
-        the counted global step). From the second minibatch on (the first is scored by the sampling policy itself),
-        stops once the approx-KL (mean over ranks) exceeds ``target_kl``. Returns the mean of each metric."""
+        parameters), one step of each optimizer (the first actor step is the global step); from the second minibatch
+        on, stops once the approx-KL (mean over ranks) exceeds ``target_kl``. Returns the mean of each metric."""
         hp, (actor_opt, critic_opt) = self.hparams, self.optimizers()
         stats, updates, stopped = defaultdict(list), 0, False
         n, size, shuffle = len(exp.scores), hp.minibatch_size, self.shuffle_generator  # a new order every epoch
@@ -261,8 +257,7 @@ class PPOModule(L.LightningModule):
         return {**out, "ppo/updates": float(updates), "ppo/early_stopped": float(stopped)}
 
     def actor_loss(self, mb: Experience, share: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(clipped surrogate - ``entropy_coef`` x mean token entropy, metrics), both x this rank's token ``share``;
-        the entropy comes from the very forward that gives the logps (:class:`lit_rlhf.experience.LogitsRecorder`)."""
+        """(clipped surrogate - ``entropy_coef`` x entropy (same forward), metrics) x this rank's ``share``."""
         coef = self.hparams.entropy_coef
         lm = LogitsRecorder(self.policy) if coef != 0 else self.policy
         logps = rollout_logps(lm, mb.rollout, self.temperature).logps
@@ -314,8 +309,7 @@ class PPOModule(L.LightningModule):
         for values, weight in validation_means(scores, rollout.completions, answers):  # rewards/mean, accuracy
             means.update(self.val_means.update(values, weight=weight))
         self.log_dict(means, on_epoch=True, on_step=False, batch_size=len(scores))
-        room = max(self.hparams.table_rows - len(self._val_rows), 0)
-        self._val_rows += self.table_rows(rollout, scores, token_kl)[:room]
+        self._val_rows += self.table_rows(rollout, scores, token_kl)[: self.hparams.table_rows - len(self._val_rows)]
 
     def on_validation_epoch_end(self) -> None:
         if self._val_rows and not self.trainer.sanity_checking:
@@ -324,27 +318,33 @@ class PPOModule(L.LightningModule):
 
     # -- hooks: generators, optimizers, checkpoints, export ------------------------------------------------------------
     def on_fit_start(self) -> None:
-        seed = torch.initial_seed() % 2**63
-        self.generator = torch.Generator(self.device).manual_seed(seed)  # sampling (on the model's device)
-        self.shuffle_generator = torch.Generator().manual_seed(seed)  # minibatch order
+        seed = torch.initial_seed() % 2**63  # sampling (on the model's device), minibatch order; restored on resume
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.shuffle_generator = torch.Generator().manual_seed(seed)
+        for generator, state in zip((self.generator, self.shuffle_generator), self._rng_states):
+            generator.set_state(state)
         self.throughput.start()
 
     def configure_optimizers(self):
         total = self.trainer.estimated_stepping_batches  # both schedules step once per rollout batch
         actor = build_optimizer(critics.actor_parameters(self.policy), self.actor_optim, total)
-        critic = build_optimizer(self.critic.trainable_parameters(), self.critic_optim, total)
-        return [actor, critic]
+        return [actor, build_optimizer(self.critic.trainable_parameters(), self.critic_optim, total)]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
         checkpoint["score_moments"] = self.moments.state_dict()
+        checkpoint["rng"] = [self.generator.get_state(), self.shuffle_generator.get_state()]
+        orm.save(self.composer, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
         self.moments = RunningMoments(**checkpoint["score_moments"])
+        self._rng_states = checkpoint.get("rng", ())
+        orm.load(self.composer, checkpoint)
 
     def export(self, out_dir: Path, dtype: str | None = None) -> dict[str, str]:
-        """The policy (``merged`` + ``adapter``; a shared-base value adapter is saved beside it, never merged)."""
+        """The policy (``merged`` + ``adapter``; a shared-base value adapter beside it, never merged); an online RM."""
         rank_zero = self.trainer.is_global_zero
-        return models.export_pretrained(self.policy, self.tokenizer, out_dir, self.spec, rank_zero, dtype)
+        written = models.export_pretrained(self.policy, self.tokenizer, out_dir, self.spec, rank_zero, dtype)
+        return {**written, **orm.export(self.composer, out_dir, rank_zero)}
