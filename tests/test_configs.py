@@ -9,7 +9,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "experiments").rglob("*.yaml"))
-SPEC_LOADERS = {"sweeps": "lit_rlhf.sweep:load_spec", "pipeline": "lit_rlhf.experiments.pipeline:load_pipeline"}
+PIPELINE_LOADER = "lit_rlhf.experiments.pipeline:load_pipeline"
+SPEC_LOADERS = {"sweeps": "lit_rlhf.sweep:load_spec", "pipeline": PIPELINE_LOADER, "paradigm": PIPELINE_LOADER}
 STAGES = ("sft", "rft", "rm", "dpo", "ppo", "grpo", "distill")
 
 

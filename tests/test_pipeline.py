@@ -74,6 +74,46 @@ def test_step_args_pass_exports_by_path_and_one_wandb_group(tmp_path):
     assert first[:2] == ["--config", "experiments/sft/tiny.yaml"] and "--wandb.group=chain-7" in first
 
 
+def test_set_overrides_every_step_or_one_and_wins_over_the_spec(tmp_path):
+    spec = pl.load_pipeline(write_spec(tmp_path, base_spec()))
+    sets = ["seed_everything=1", "trainer.max_steps=5", "ppo:model.beta=0.5", "sft:data.path=a:b.jsonl"]
+    spec = pl.with_overrides(spec, sets)
+    sft, ppo = (pl.step_args(spec, s, tmp_path / "run", "chain") for s in spec.steps)
+    assert "--seed_everything=1" in sft and "--seed_everything=1" in ppo
+    assert "--trainer.max_steps=5" in ppo and "--trainer.max_steps=2" not in ppo, "--set wins over the step's override"
+    assert "--model.beta=0.5" in ppo and not any(a.startswith("--model.beta") for a in sft)
+    assert "--data.path=a:b.jsonl" in sft, "a value may hold ':'"
+    assert pl.with_overrides(spec, ["x=[1, 2]"]).steps[0].overrides["x"] == [1, 2], "values are read as YAML"
+
+
+@pytest.mark.parametrize(
+    "item,match",
+    [
+        ("seed_everything", "KEY=VALUE"),
+        ("=1", "KEY=VALUE"),
+        ("rm:model.beta=1", "unknown step 'rm'"),
+        ("model.policy.name=x", "set twice"),  # the ppo step's input
+        ("output_dir=x", "set by the pipeline"),
+        ("sft:wandb.group=x", "set by the pipeline"),
+    ],
+)
+def test_bad_set_is_refused(tmp_path, item, match):
+    spec = pl.load_pipeline(write_spec(tmp_path, base_spec()))
+    with pytest.raises(ValueError, match=match):
+        pl.with_overrides(spec, [item])
+
+
+def test_plan_shows_set_overrides(tmp_path, capsys):
+    path = write_spec(tmp_path, {**base_spec(), "output_root": str(tmp_path / "out")})
+    assert pl.main(["plan", str(path), "--run-name", "seed-1", "--set", "seed_everything=1", "--set", "ppo:x=y"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("--seed_everything=1" in line for line in lines)
+    assert "--x=y" in lines[1] and "--x=y" not in lines[0] and str(tmp_path / "out" / "seed-1" / "ppo") in lines[1]
+    with pytest.raises(SystemExit) as exit_:
+        pl.main(["plan", str(path), "--set", "output_dir=z"])
+    assert exit_.value.code == 2 and "set by the pipeline" in capsys.readouterr().err
+
+
 def test_step_status_and_resume(tmp_path, monkeypatch):
     """new -> partial (a checkpoint) -> done (final metrics + export); done steps are skipped, partial ones resume."""
     step_dir = tmp_path / "out" / "chain" / "sft"
@@ -105,6 +145,9 @@ def test_step_status_and_resume(tmp_path, monkeypatch):
     )
     assert pl.run(spec, in_process=True, force=("ppo",)) == {"sft": "done", "ppo": "ran"} and len(calls) == 3
     assert "--overwrite" in calls[2] and "--overwrite" not in calls[1], "a forced step starts over in its directory"
+    times = [json.loads(line) for line in (tmp_path / "out" / "chain" / pl.TIMES).read_text().splitlines()]
+    assert [(t["step"], t["outcome"]) for t in times] == [("sft", "resumed"), ("ppo", "ran"), ("ppo", "ran")]
+    assert all(t["seconds"] >= 0 and t["finished"].endswith("Z") for t in times)
 
 
 def test_skipping_needs_an_export(tmp_path):

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("lit_rlhf.experiments.pipeline:main", "chain stages, each trained on the previous one's export"),
     "sweep": ("lit_rlhf.experiments.sweep:main", "grids of runs: plan (checks every cell), run-local, submit, collect"),
     "report": ("lit_rlhf.experiments.report:main", "PNG curves and a markdown summary of runs or a sweep"),
+    "paradigm": ("lit_rlhf.experiments.paradigm:main", "RFT vs Online RFT vs GRPO variants: accuracy by samples seen"),
     "evaluate": ("lit_rlhf.experiments.evaluate:main", "accuracy, pass@k, rewards of a model or run; RM pair accuracy"),
     "generate": ("lit_rlhf.experiments.generate:main", "complete every prompt of a file, to JSONL"),
     "chat": ("lit_rlhf.experiments.chat:main", "talk to a model or run in the terminal (/reset, /exit)"),

@@ -37,20 +37,29 @@ with replay of the earlier ones (``experiments/pipeline/sft-rm-grpo-online-smoll
 
 Resumable: a step whose ``final_metrics.json`` and ``export/merged`` exist is done and skipped; a step that left a
 checkpoint resumes from it (``--ckpt_path``); ``skip: true`` in the spec or ``--skip STEP`` skips a step whose export
-already exists; ``--force STEP`` reruns one from scratch (``--overwrite``).
+already exists; ``--force STEP`` reruns one from scratch (``--overwrite``). Each step that runs appends its wall time
+to ``<run dir>/pipeline_times.jsonl`` (``{"step", "outcome", "seconds", "finished"}``).
+
+``--set KEY=VALUE`` (repeatable) overrides KEY in every step, ``--set STEP:KEY=VALUE`` in one step
+(:func:`with_overrides`): the value is read as YAML, like the spec's ``overrides``, and wins over the step's own
+override of KEY; a key that a step takes as an input or that the pipeline sets is refused. ``plan`` shows them. One
+spec, several seeds: ``--run-name seed-1 --set seed_everything=1`` (``experiments/paradigm/smollm2.yaml``).
 
     python -m lit_rlhf.experiments.pipeline plan experiments/pipeline/sft-rm-ppo-smollm2.yaml
     python -m lit_rlhf.experiments.pipeline run experiments/pipeline/sft-rm-ppo-smollm2.yaml
     python -m lit_rlhf.experiments.pipeline run experiments/pipeline/sft-rm-ppo-tiny.yaml --in-process --run-name ci
+    python -m lit_rlhf.experiments.pipeline plan experiments/paradigm/smollm2.yaml --run-name s1 --set seed_everything=1
     sbatch slurm/train.sbatch pipeline run experiments/pipeline/sft-dpo-grpo-smollm2.yaml   # one job, steps in turn
 
-Pure functions (tested): :func:`load_pipeline`, :func:`expand_iterations`, :func:`step_args`, :func:`step_status`.
+Pure functions (tested): :func:`load_pipeline`, :func:`expand_iterations`, :func:`with_overrides`, :func:`step_args`,
+:func:`step_status`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import re
 import shlex
 import subprocess
@@ -66,6 +75,7 @@ from lit_rlhf.sweep import format_value, resume_args
 
 STAGES = ("sft", "rft", "rm", "dpo", "ppo", "grpo", "distill")
 EXPORT = "export/merged"
+TIMES = "pipeline_times.jsonl"
 RESERVED = ("config", "output_dir", "ckpt_path", "print_config")
 
 
@@ -195,6 +205,26 @@ def validate(spec: PipelineSpec, source: str = "pipeline spec") -> None:
         seen.append(step.name)
 
 
+def with_overrides(spec: PipelineSpec, sets: list[str] | tuple[str, ...]) -> PipelineSpec:
+    """``spec`` with ``--set`` overrides: ``KEY=VALUE`` in every step, ``STEP:KEY=VALUE`` in that step; each value
+    read as YAML and winning over the step's own override of KEY. Validated again (:func:`validate`)."""
+    names = [s.name for s in spec.steps]
+    every: dict[str, Any] = {}
+    one: dict[str, dict[str, Any]] = {}
+    for item in sets:
+        target, sep, value = item.partition("=")
+        step, _, key = target.rpartition(":")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE or STEP:KEY=VALUE")
+        if step and step not in names:
+            raise ValueError(f"--set {item!r}: unknown step {step!r}; steps: {names}")
+        (one.setdefault(step, {}) if step else every)[key.strip()] = yaml.safe_load(value)
+    steps = [replace(s, overrides={**s.overrides, **every, **one.get(s.name, {})}) for s in spec.steps]
+    out = replace(spec, steps=steps)
+    validate(out, "--set")
+    return out
+
+
 def step_status(step_dir: str | Path) -> str:
     """``done`` (final_metrics.json and export/merged exist), ``partial`` (no final metrics, a checkpoint that
     loads: :func:`lit_rlhf.checkpointing.newest_checkpoint`, what ``--ckpt_path last`` resumes) or ``new``."""
@@ -260,7 +290,12 @@ def run(
         if step_status(run_dir / step.name) != "done":
             raise RuntimeError(f"step {step.name!r} finished without final_metrics.json and {EXPORT}")
         outcome[step.name] = "resumed" if status == "partial" else "ran"
-        print(f"[pipeline] {step.name}: {outcome[step.name]} in {time.perf_counter() - started:.0f} s", flush=True)
+        seconds = time.perf_counter() - started
+        record = {"step": step.name, "outcome": outcome[step.name], "seconds": round(seconds, 1)}
+        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with (run_dir / TIMES).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"[pipeline] {step.name}: {outcome[step.name]} in {seconds:.0f} s", flush=True)
     return outcome
 
 
@@ -287,8 +322,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip", action="append", default=[], help="skip this step (its export must exist); repeatable")
     ap.add_argument("--force", action="append", default=[], help="rerun this step from scratch; repeatable")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="[STEP:]KEY=VALUE",
+        help="override KEY in every step (or in STEP), over the step's own overrides; value read as YAML; repeatable",
+    )
     args = ap.parse_args(argv)
     spec = load_pipeline(args.spec)
+    try:
+        spec = with_overrides(spec, args.set)
+    except ValueError as e:
+        ap.error(str(e))
     if args.output_root:
         spec = PipelineSpec(spec.name, spec.steps, args.output_root, spec.tags)
     unknown = sorted(set(args.skip + args.force) - {s.name for s in spec.steps})
