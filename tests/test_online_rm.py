@@ -199,6 +199,21 @@ def test_state_roundtrip_continues_exactly():
 
 
 # ------------------------------------------------------------------------------------------------ GRPO end to end
+def assert_resumed_equals_uninterrupted(full: dict, resumed: dict, keys: list[str], tmp_path: Path) -> None:
+    """The resumed run (``tmp_path/resumed``, from the step-2 checkpoint) logs the uninterrupted run's (``tmp_path/
+    full``) steps 3-4 with the same ``keys``, and exports the same online RM weights."""
+    from transformers import AutoModelForSequenceClassification
+
+    assert sorted(resumed) == sorted(full)[2:]
+    for step in resumed:
+        for key in keys:
+            if key in full[step]:
+                assert resumed[step][key] == pytest.approx(full[step][key], abs=1e-6), (step, key)
+    a, b = (AutoModelForSequenceClassification.from_pretrained(tmp_path / run / "export/online_rm/merged").state_dict()
+            for run in ("full", "resumed"))  # fmt: skip
+    assert all(torch.allclose(v, b[k], atol=1e-6) for k, v in a.items())
+
+
 def grpo_run(out: Path, *extra: str) -> dict[int, dict[str, float]]:
     from lit_rlhf.experiments.grpo import main
 
@@ -230,16 +245,9 @@ def test_grpo_with_an_online_rm_end_to_end_and_resumed_equals_uninterrupted(tmp_
 
     resumed = grpo_run(tmp_path / "resumed", "--ckpt_path", str(tmp_path / "full" / "checkpoints" / "step=2.ckpt"))
     later = {s: m for s, m in resumed.items() if "train/loss" in m}
-    assert sorted(later) == sorted(train)[2:]
     keys = ["train/loss", "train/rewards/mean", "train/kl", "train/online_rm/accuracy", "train/online_rm/loss",
             "train/online_rm/buffer_size", "train/rewards/online_rm/mean"]  # fmt: skip
-    for step in later:
-        for key in keys:
-            if key in train[step]:
-                assert later[step][key] == pytest.approx(train[step][key], abs=1e-6), (step, key)
-    a = AutoModelForSequenceClassification.from_pretrained(export / "merged").state_dict()
-    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "resumed/export/online_rm/merged").state_dict()
-    assert all(torch.allclose(v, b[k], atol=1e-6) for k, v in a.items())
+    assert_resumed_equals_uninterrupted(train, later, keys, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ PPO end to end
@@ -275,16 +283,10 @@ def test_ppo_with_an_online_rm_end_to_end_and_resumed_equals_uninterrupted(tmp_p
 
     resumed = ppo_run(tmp_path / "resumed", "--ckpt_path", str(tmp_path / "full" / "checkpoints" / "step=2.ckpt"))
     later = {s: m for s, m in resumed.items() if "train/rewards/mean" in m}
-    assert sorted(later) == sorted(train)[2:]
     keys = ["train/rewards/mean", "train/kl", "train/online_rm/accuracy", "train/online_rm/loss", "train/value_loss",
             "train/online_rm/buffer_size"]  # fmt: skip
-    for step in later:
-        for key in keys:
-            if key in train[step]:
-                assert later[step][key] == pytest.approx(train[step][key], abs=1e-6), (step, key)
+    assert_resumed_equals_uninterrupted(train, later, keys, tmp_path)
     a = AutoModelForSequenceClassification.from_pretrained(export / "merged").state_dict()
-    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "resumed/export/online_rm/merged").state_dict()
-    assert all(torch.allclose(v, b[k], atol=1e-6) for k, v in a.items())
 
     frozen = ppo_run(tmp_path / "frozen", "--model.online_rm.update_every=0", "--trainer.max_steps=2")
     first = {s: m for s, m in sorted(frozen.items()) if "train/rewards/mean" in m}
