@@ -379,7 +379,8 @@ def test_a_completion_without_a_reward_gets_advantage_zero_and_no_critic_signal(
         (["--model.samples_per_prompt=0"], r"model\.samples_per_prompt=0 cannot learn: no completion is sampled"),
         (["--model.score_clip=0"], r"model\.score_clip=0(\.0)? cannot learn: .*every completion gets the same score"),
         (['--model.rewards=[{"name": "answer_in_text", "weight": 0}]'],
-         r"model\.reward_model\.weight and model\.rewards cannot learn: every reward weight is 0"),
+         r"model\.reward_model\.weight, model\.online_rm\.weight and model\.rewards cannot learn: every reward weight "
+         r"is 0"),
     ],
 )  # fmt: skip
 def test_the_entry_point_refuses_settings_that_cannot_learn(tmp_path, args, message):
